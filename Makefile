@@ -1,0 +1,57 @@
+# The CNN Blocks Book. `make book` builds the HTML book, `make test` runs every check; both set
+# up their own virtual environment on a fresh clone. `make` alone lists the targets.
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.txt
+BUILD := _build
+CHAPTERS := $(wildcard notebooks/*.md)
+NOTEBOOKS := $(CHAPTERS:.md=.ipynb)
+FIGURE_SCRIPTS := $(wildcard figures/*.py)
+FIGURES_STAMP := figures/.generated
+
+.DEFAULT_GOAL := help
+.PHONY: help setup book test notebooks cnnbook check-cnnbook figures lint nbval clean
+
+help: ## List the targets
+	@echo "The CNN Blocks Book"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# The environment is (re)installed when it is missing or requirements.txt is newer than it.
+$(STAMP): requirements.txt
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	cp requirements.txt $@
+
+setup: $(STAMP) ## Create .venv and install requirements.txt into it (when missing or stale)
+
+notebooks: $(STAMP) ## Write notebooks/*.ipynb afresh from the MyST sources (.md)
+	$(VENV)/bin/jupytext --quiet --to ipynb $(CHAPTERS)
+
+cnnbook: $(STAMP) ## Regenerate notebooks/cnnbook.py from the chapters' #@save cells
+	$(PYTHON) tools/save.py
+
+check-cnnbook: $(STAMP) ## Fail if notebooks/cnnbook.py is out of sync with the chapters
+	$(PYTHON) tools/save.py --check
+
+$(FIGURES_STAMP): $(STAMP) $(FIGURE_SCRIPTS) figures/book.mplstyle
+	$(PYTHON) figures/make_figures.py
+	touch $@
+
+figures: $(FIGURES_STAMP) ## Draw the diagrams in figures/ from their scripts
+
+lint: notebooks ## Lint the chapters' code, the saved module and the tools with ruff
+	$(VENV)/bin/ruff check notebooks tools figures tests
+
+book: $(STAMP) figures ## Build the HTML book into _build/html (warnings are errors)
+	$(PYTHON) tools/save.py
+	$(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going --builder html
+
+nbval: notebooks ## Run every chapter with nbval
+	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax $(NOTEBOOKS)
+
+test: lint check-cnnbook book ## Lint, check the saved module, build strictly, then run every test
+	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax $(NOTEBOOKS) tests
+
+clean: ## Remove the build, the generated notebooks and figures (keeps .venv)
+	rm -rf $(BUILD) $(NOTEBOOKS) $(FIGURES_STAMP) figures/*.svg .pytest_cache

@@ -1,0 +1,121 @@
+"""Draw the book's diagrams into figures/*.svg (run by `make figures`).
+
+Each diagram is one function below; the chapters include the SVG files with a `{figure}`
+directive. Plots of measured quantities are drawn inside the chapters instead, with the same
+style file (figures/book.mplstyle), so the numbers they show are computed where they are used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("svg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+plt.style.use(HERE / "book.mplstyle")
+PALETTE = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+PLAIN = "#E8EEF4"
+PLUG = PALETTE[3]
+
+
+def box(ax: plt.Axes, x: float, y: float, w: float, h: float, text: str,
+        color: str = PLAIN, edge: str = "#333333", size: float = 9) -> None:
+    """A rounded box with centred text; (x, y) is the centre."""
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                                facecolor=color, edgecolor=edge, linewidth=1.2, zorder=3))
+    ax.text(x, y, text, ha="center", va="center", fontsize=size, zorder=4)
+
+
+def arrow(ax: plt.Axes, start: tuple[float, float], end: tuple[float, float],
+          style: str = "-|>", **kwargs: object) -> None:
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=10,
+                                 color="#333333", linewidth=1.2, shrinkA=0, shrinkB=0, **kwargs))
+
+
+def resnet_skeleton(path: Path) -> None:
+    """The ResNet skeleton (left) and the bottleneck with the book's plug points (right)."""
+    fig, ax = plt.subplots(figsize=(10.5, 6.2))
+    ax.set_xlim(0, 12.6)
+    ax.set_ylim(0, 10.4)
+    ax.set_axis_off()
+    ax.grid(False)
+
+    # Left: the skeleton, top to bottom.
+    x = 2.2
+    stages = [
+        ("input image", "3 x 224 x 224", None),
+        ("stem: 7x7 conv /2, BN, ReLU,\n3x3 max pool /2", "64 x 56 x 56", "stem_layer"),
+        ("layer1: 3 blocks", "256 x 56 x 56", "block"),
+        ("layer2: 4 blocks, first /2", "512 x 28 x 28", "block"),
+        ("layer3: 6 blocks, first /2", "1024 x 14 x 14", "block"),
+        ("layer4: 3 blocks, first /2", "2048 x 7 x 7", "block"),
+        ("global average pool", "2048", None),
+        ("fully connected", "1000", None),
+    ]
+    ys = [9.8 - i * 1.25 for i in range(len(stages))]
+    for (label, shape, plug), y in zip(stages, ys):
+        edge = PLUG if plug else "#333333"
+        box(ax, x, y, 3.4, 0.8, label, edge=edge)
+        ax.text(x + 1.85, y, shape, ha="left", va="center", fontsize=8, color="#444444")
+        if plug:
+            ax.text(x - 1.85, y, plug, ha="right", va="center", fontsize=8, color=PLUG)
+    for y0, y1 in zip(ys, ys[1:]):
+        arrow(ax, (x, y0 - 0.4), (x, y1 + 0.4))
+    ax.text(x, 10.35, "ResNet(block, layers=[3, 4, 6, 3])", ha="center", fontsize=10, weight="bold")
+
+    # Right: the bottleneck block.
+    bx = 7.7
+    ax.text(bx, 10.35, "Bottleneck(in_channels, channels, stride)", ha="center", fontsize=10,
+            weight="bold")
+    rows = [
+        ("x", 9.7, None, None),
+        ("1x1 conv, BN, ReLU", 8.7, None, None),
+        ("3x3 conv (stride, groups), BN, ReLU", 7.5, "SKConv, SplitAttention", "groups: ResNeXt"),
+        ("1x1 conv (x4 channels), BN", 6.3, None, None),
+        ("attn_layer", 5.1, "SEBlock / CBAM", None),
+        ("+", 3.9, None, None),
+        ("ReLU", 2.9, None, None),
+    ]
+    for label, y, note, note2 in rows:
+        if label == "x":
+            ax.text(bx, y, "input x", ha="center", va="center", fontsize=9)
+            continue
+        if label == "+":
+            ax.add_patch(plt.Circle((bx, y), 0.25, facecolor="white", edgecolor="#333333", linewidth=1.2))
+            ax.text(bx, y, "+", ha="center", va="center", fontsize=12)
+            continue
+        edge = PLUG if note else "#333333"
+        box(ax, bx, y, 3.3, 0.7, label, edge=edge, size=8.5)
+        if note:
+            ax.text(bx + 1.75, y + (0.12 if note2 else 0), note, ha="left", va="center",
+                    fontsize=8, color=PLUG)
+        if note2:
+            ax.text(bx + 1.75, y - 0.45, note2, ha="left", va="center", fontsize=8, color=PLUG)
+    chain = [9.5, 8.7, 7.5, 6.3, 5.1]
+    for y0, y1 in zip(chain, chain[1:]):
+        arrow(ax, (bx, y0 - (0.2 if y0 == 9.5 else 0.35)), (bx, y1 + 0.35))
+    arrow(ax, (bx, 5.1 - 0.35), (bx, 3.9 + 0.25))
+    arrow(ax, (bx, 3.9 - 0.25), (bx, 2.9 + 0.35))
+    arrow(ax, (bx, 2.9 - 0.35), (bx, 2.1))
+    ax.text(bx, 1.95, "output: (B, 4 x channels, H / stride, W / stride)", ha="center", va="top", fontsize=8)
+    # The shortcut: identity, or the downsample_layer in the first block of a stage.
+    sx = 11.9
+    ax.plot([bx + 0.45, sx, sx], [9.7, 9.7, 3.9], color="#333333", linewidth=1.2)
+    arrow(ax, (sx, 3.9), (bx + 0.25, 3.9))
+    box(ax, sx, 6.3, 1.15, 1.3, "shortcut:\nidentity or\n1x1 conv /s,\nBN", edge=PLUG, size=7.5)
+    ax.text(sx, 5.5, "downsample_layer", ha="center", va="top", fontsize=8, color=PLUG)
+
+    fig.savefig(path, metadata={"Date": None})
+    plt.close(fig)
+
+
+def main() -> None:
+    resnet_skeleton(HERE / "resnet_skeleton.svg")
+
+
+if __name__ == "__main__":
+    main()
