@@ -51,7 +51,7 @@ nbval: notebooks ## Run every chapter with nbval
 	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax $(NOTEBOOKS)
 
 test: lint check-cnnbook book ## Lint, check the saved module, build strictly, then run every test
-	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax $(NOTEBOOKS) tests
+	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax $(NOTEBOOKS) $(wildcard tests)
 
 clean: ## Remove the build, the generated notebooks and figures (keeps .venv)
 	rm -rf $(BUILD) $(NOTEBOOKS) $(FIGURES_STAMP) figures/*.svg .pytest_cache
