@@ -26,6 +26,18 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
+def use_book_style() -> None:
+    """Draw plots in the book's one style (``figures/book.mplstyle``), as vector SVG.
+
+    Chapters run from ``notebooks/``, so the style file is one folder up.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+    plt.style.use("../figures/book.mplstyle")
+    set_matplotlib_formats("svg")
+
+
 def choose_device() -> torch.device:
     """Return the fastest device present: a CUDA GPU, else an Apple GPU (MPS), else the CPU."""
     if torch.cuda.is_available():
