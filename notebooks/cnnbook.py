@@ -6,6 +6,8 @@ Do not edit: change the chapter and regenerate. Each section names the chapter i
 
 from __future__ import annotations
 
+import collections.abc
+import itertools
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -342,3 +344,89 @@ def time_forward_backward(models: dict[str, nn.Module], x: torch.Tensor,
                                 label="forward+backward", description=name)
         times[name] = timer.blocked_autorange(min_run_time=min_run_time).median
     return times
+
+# -------------------- notebooks/batch_norm.md --------------------
+
+
+def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BN layers of ``model`` that keep running statistics, in registration order."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def batch_statistics(model: nn.Module, loader: collections.abc.Iterable[Any], num_batches: int
+                     ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per-batch statistics of the input of every BN layer of ``model``, its weights frozen.
+
+    Runs the first ``num_batches`` batches of ``loader`` (tensors, or tuples and lists whose
+    first element is the input) through ``model`` in training mode, as training does: every BN
+    layer normalises with its batch's statistics. Nothing of ``model`` changes: no gradient is
+    computed, and every buffer and every module's mode are restored.
+
+    Returns, for each BN layer: the number of values per channel of each batch ``(K,)``, the
+    batch means ``(K, C)`` and the biased batch variances ``(K, C)``, in float64 on the CPU.
+    """
+    check_positive(num_batches=num_batches)
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError("model has no BatchNorm layer with running statistics")
+    records: dict[nn.Module, list[tuple[int, torch.Tensor, torch.Tensor]]] = {m: [] for m in layers}
+
+    def record(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        dims = [d for d in range(x.dim()) if d != 1]
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        records[layer].append((x.numel() // x.shape[1], mean.cpu().double(), var.cpu().double()))
+
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    modes = {module: module.training for module in model.modules()}
+    device = next(model.parameters()).device
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    model.train()
+    seen = 0
+    try:
+        for batch in itertools.islice(loader, num_batches):
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(x.to(device))
+            seen += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    if seen < num_batches:
+        raise ValueError(f"loader gave {seen} batches, fewer than num_batches={num_batches}")
+    return {layer: (torch.tensor([r[0] for r in rows], dtype=torch.float64),
+                    torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows]))
+            for layer, rows in records.items()}
+
+
+def pool_statistics(counts: torch.Tensor, means: torch.Tensor,
+                    variances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of all the values of K batches pooled (Eq. eq-precise).
+
+    ``counts``: values per channel of each batch ``(K,)``; ``means`` and biased ``variances``:
+    ``(K, C)``. Returns two ``(C,)`` tensors.
+    """
+    n_k = counts[:, None]
+    n = counts.sum()
+    mean = (n_k * means).sum(0) / n
+    variance = (n_k * (variances + (means - mean) ** 2)).sum(0) / (n - 1)   # within + between
+    return mean, variance
+
+
+def precise_bn(model: nn.Module, loader: collections.abc.Iterable[Any], num_batches: int) -> None:
+    """Precise BN (Wu & Johnson, 2021): exact population statistics for every BN layer.
+
+    Replaces each BN layer's running mean and variance, an exponential moving average collected
+    while the weights changed, by the statistics of its input over ``num_batches`` batches of
+    ``loader`` with the current weights frozen (Eq. eq-precise). Use batches like the training
+    batches (same size, shuffled). The weights and every other buffer are left unchanged.
+    """
+    for layer, statistics in batch_statistics(model, loader, num_batches).items():
+        mean, variance = pool_statistics(*statistics)
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(variance)
