@@ -41,17 +41,17 @@ $(FIGURES_STAMP): $(STAMP) $(FIGURE_SCRIPTS) figures/book.mplstyle
 figures: $(FIGURES_STAMP) ## Draw the diagrams in figures/ from their scripts
 
 lint: notebooks ## Lint the chapters' code, the saved module and the tools with ruff
-	$(VENV)/bin/ruff check notebooks tools figures tests
+	$(VENV)/bin/ruff check notebooks tools figures $(wildcard tests)
 
 book: $(STAMP) figures ## Build the HTML book into _build/html (warnings are errors)
 	$(PYTHON) tools/save.py
 	$(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going --builder html
 
 nbval: notebooks ## Run every chapter with nbval
-	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax $(NOTEBOOKS)
+	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax --nbval-cell-timeout=120 $(NOTEBOOKS)
 
 test: lint check-cnnbook book ## Lint, check the saved module, build strictly, then run every test
-	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax $(NOTEBOOKS) $(wildcard tests)
+	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax --nbval-cell-timeout=120 $(NOTEBOOKS) $(wildcard tests)
 
 clean: ## Remove the build, the generated notebooks and figures (keeps .venv)
 	rm -rf $(BUILD) $(NOTEBOOKS) $(FIGURES_STAMP) figures/*.svg .pytest_cache
