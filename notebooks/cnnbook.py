@@ -101,6 +101,9 @@ class Bottleneck(nn.Module):
         check_positive(in_channels=in_channels, channels=channels, stride=stride,
                         groups=groups, base_width=base_width)
         width = int(channels * (base_width / 64.0)) * groups
+        if width < 1:
+            raise ValueError(f"channels * base_width / 64 must be at least 1, got channels={channels}, "
+                             f"base_width={base_width}: the bottleneck would have width 0")
         out_channels = channels * self.expansion
         if downsample is None and (stride != 1 or in_channels != out_channels):
             raise ValueError(
