@@ -11,7 +11,8 @@ equation typeset with nothing of its TeX source left visible, previous/next link
 of `_toc.yml`, every link within the book leads somewhere. For every chapter: the executed outputs, exercises with collapsed solutions, a
 download menu that gives the chapter's `.ipynb` (with its outputs) and `.md`, and figures that
 stay readable in the dark theme. The search page finds the book's terms. A full-page screenshot
-of every page (and of every chapter in the dark theme) is saved under `_build/screenshots/`.
+of every page is saved under `_build/screenshots/light/`, and the first screen and every figure
+of each chapter in the dark theme under `_build/screenshots/dark/`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlencode, urljoin, urlsplit
+from urllib.request import urlopen
 
 import jupytext
 import nbformat
@@ -242,15 +244,22 @@ class Site:
         return tab, visit
 
     def visit(self, page: str, scheme: str = "light") -> PageVisit:
-        """Load a page once, collect what it shows, save its full-page screenshot."""
+        """Load a page once, collect what it shows, save its screenshots, try its controls."""
         if (page, scheme) in self.visits:
             return self.visits[page, scheme]
         tab, visit = self.open(page, scheme)
+        tab.set_default_timeout(5_000)
         visit.data = tab.evaluate(COLLECT)
         path = SCREENSHOTS / scheme / f"{slug(page)}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tab.screenshot(path=path, full_page=True)
-        if scheme == "dark":  # and each figure alone, to look at it closely on the dark page
+        if scheme == "light":
+            tab.screenshot(path=path, full_page=True)
+            if page in CHAPTERS:  # after the screenshot: these open a solution and a menu
+                visit.data["solutions_hidden"] = solutions_hidden(tab)
+                visit.data["solution_opens"] = solution_opens(tab)
+                visit.data["download_menu"] = download_menu(tab)
+        else:  # the first screen of the dark theme, and each figure alone to look at closely
+            tab.screenshot(path=path)
             visit.data["figures"] = tab.evaluate(FIGURE_PIXELS)
             figures = tab.locator("figure[id]")
             for index in range(figures.count()):
@@ -259,6 +268,40 @@ class Site:
         tab.close()
         self.visits[page, scheme] = visit
         return visit
+
+
+def solutions_hidden(tab: Any) -> list[bool]:
+    """For each solution: is everything but its title hidden?"""
+    hidden = []
+    solutions = tab.locator("div.solution")
+    for index in range(solutions.count()):
+        body = solutions.nth(index).locator(":scope > :not(.admonition-title)")
+        hidden.append(body.count() > 0
+                      and not any(body.nth(i).is_visible() for i in range(body.count())))
+    return hidden
+
+
+def solution_opens(tab: Any) -> bool:
+    """Does a click on the first solution's title show the solution?"""
+    solution = tab.locator("div.solution").first
+    try:
+        solution.locator(".admonition-title").click()
+        solution.locator(":scope > :not(.admonition-title)").first.wait_for(state="visible")
+    except PlaywrightError:
+        return False
+    return True
+
+
+def download_menu(tab: Any) -> list[str]:
+    """The links that the download button's menu shows once clicked."""
+    menu = tab.locator(".dropdown-download-buttons .dropdown-menu a")
+    try:
+        tab.locator(".dropdown-download-buttons button.dropdown-toggle").click()
+        menu.first.wait_for(state="visible")
+    except PlaywrightError:
+        return []
+    return [menu.nth(i).evaluate("a => a.href") for i in range(menu.count())
+            if menu.nth(i).is_visible()]
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -379,52 +422,33 @@ def test_executed_outputs_present(visit: Callable[..., PageVisit], page: str) ->
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
-def test_exercises_with_hidden_solutions(site: Site, visit: Callable[..., PageVisit],
-                                         page: str) -> None:
+def test_exercises_with_hidden_solutions(visit: Callable[..., PageVisit], page: str) -> None:
     data = visit(page).data
     assert data["exercises"], "a chapter ends with exercises"
     solved = {solution["exercise"] for solution in data["solutions"]}
     assert set(data["exercises"]) <= solved, "every exercise has a solution"
     assert all(solution["dropdown"] for solution in data["solutions"])
-
-    tab, _ = site.open(page)
-    for index in range(len(data["solutions"])):
-        solution = tab.locator("div.solution").nth(index)
-        body = solution.locator(":scope > :not(.admonition-title)")
-        assert body.count() > 0
-        assert not any(body.nth(i).is_visible() for i in range(body.count())), \
-            f"solution {index + 1} is shown before the reader asks for it"
-    first = tab.locator("div.solution").first
-    first.locator(".admonition-title").click()
-    first.locator(":scope > :not(.admonition-title)").first.wait_for(state="visible",
-                                                                      timeout=5_000)
-    tab.close()
+    assert all(data["solutions_hidden"]), "a solution is shown before the reader asks for it"
+    assert data["solution_opens"], "a click on a solution's title does not show it"
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
-def test_download_menu_gives_ipynb_and_md(site: Site, page: str) -> None:
-    tab, _ = site.open(page)
-    tab.locator(".dropdown-download-buttons button.dropdown-toggle").click()
-    menu = tab.locator(".dropdown-download-buttons .dropdown-menu a")
-    menu.first.wait_for(state="visible", timeout=5_000)
-    links = {Path(urlsplit(href).path).suffix: href
-             for href in (menu.nth(i).evaluate("a => a.href") for i in range(menu.count()))}
-    downloads = {suffix: tab.request.get(links[suffix]) for suffix in (".ipynb", ".md")
-                 if suffix in links}
-    outputs_shown = tab.locator("div.cell_output").count()
-    tab.close()
-    assert set(downloads) == {".ipynb", ".md"}, f"download menu offers {sorted(links)}"
-    assert all(response.ok for response in downloads.values())
+def test_download_menu_gives_ipynb_and_md(visit: Callable[..., PageVisit], page: str) -> None:
+    data = visit(page).data
+    links = {Path(urlsplit(href).path).suffix: href for href in data["download_menu"]}
+    assert {".ipynb", ".md"} <= set(links), f"download menu offers {data['download_menu']}"
+    with urlopen(links[".md"]) as response:
+        markdown = response.read()
+    with urlopen(links[".ipynb"]) as response:
+        notebook = nbformat.reads(response.read().decode("utf-8"), as_version=4)
 
     source = ROOT / Path(page).with_suffix(".md")
-    assert downloads[".md"].body() == source.read_bytes(), "the .md is the chapter's source"
-
-    notebook = nbformat.reads(downloads[".ipynb"].text(), as_version=4)
+    assert markdown == source.read_bytes(), "the .md is the chapter's source"
     nbformat.validate(notebook)
     code = [cell.source for cell in notebook.cells if cell.cell_type == "code"]
     source_code = [cell.source for cell in jupytext.read(source).cells if cell.cell_type == "code"]
     assert code == source_code, "the .ipynb holds the chapter's code cells"
-    assert cells_with_outputs(notebook) == outputs_shown, "the .ipynb holds the outputs"
+    assert cells_with_outputs(notebook) == data["outputs"], "the .ipynb holds the outputs shown"
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
