@@ -7,12 +7,13 @@ request that would leave the machine is blocked and reported: a page that needs 
 render (MathJax from a CDN, a web font) fails here.
 
 For every page: no console errors, no request outside the book, every image loaded, every
-equation typeset with nothing of its TeX source left visible, previous/next links in the order
-of `_toc.yml`, every link within the book leads somewhere. For every chapter: the executed outputs, exercises with collapsed solutions, a
-download menu that gives the chapter's `.ipynb` (with its outputs) and `.md`, and figures that
-stay readable in the dark theme. The search page finds the book's terms. A full-page screenshot
-of every page is saved under `_build/screenshots/light/`, and the first screen and every figure
-of each chapter in the dark theme under `_build/screenshots/dark/`.
+equation typeset with nothing of its TeX source left visible, every link within the book leads
+somewhere, previous/next links in the order of `_toc.yml`. For every chapter: the executed
+outputs, exercises with collapsed solutions, a download menu that gives the chapter's `.ipynb`
+(with its outputs) and `.md`, and figures that stay readable in the dark theme. The search page
+finds the book's terms. A full-page screenshot of every page is saved under
+`_build/screenshots/light/`, and the first screen and every figure of each chapter in the dark
+theme under `_build/screenshots/dark/`.
 """
 
 from __future__ import annotations
