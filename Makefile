@@ -11,7 +11,7 @@ FIGURE_SCRIPTS := $(wildcard figures/*.py)
 FIGURES_STAMP := figures/.generated
 
 .DEFAULT_GOAL := help
-.PHONY: help setup book test notebooks cnnbook check-cnnbook figures lint nbval clean
+.PHONY: help setup book test notebooks cnnbook check-cnnbook figures lint nbval browser clean
 
 help: ## List the targets
 	@echo "The CNN Blocks Book"
@@ -41,17 +41,26 @@ $(FIGURES_STAMP): $(STAMP) $(FIGURE_SCRIPTS) figures/book.mplstyle
 figures: $(FIGURES_STAMP) ## Draw the diagrams in figures/ from their scripts
 
 lint: notebooks ## Lint the chapters' code, the saved module and the tools with ruff
-	$(VENV)/bin/ruff check notebooks tools figures tests
+	$(VENV)/bin/ruff check notebooks tools figures $(wildcard tests)
 
 book: $(STAMP) figures ## Build the HTML book into _build/html (warnings are errors)
 	$(PYTHON) tools/save.py
-	$(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going --builder html
+	@# Sphinx saves its environment before it reports warnings, so a rebuild after a failed build
+	@# would find nothing out of date and pass: forget the environment when the build fails.
+	$(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going --builder html \
+		|| { rm -f $(BUILD)/.doctrees/environment.pickle; exit 1; }
 
 nbval: notebooks ## Run every chapter with nbval
-	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax $(NOTEBOOKS)
+	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax --nbval-cell-timeout=120 $(NOTEBOOKS)
 
-test: lint check-cnnbook book ## Lint, check the saved module, build strictly, then run every test
-	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax $(NOTEBOOKS) $(wildcard tests)
+# tests/test_pages.py drives a Chromium: the system's when there is one (CI installs Debian's
+# `chromium`), else Playwright's own, downloaded once into ~/.cache/ms-playwright.
+browser: $(STAMP) ## Find a Chromium for the page tests, or install Playwright's own
+	@$(PYTHON) tests/chromium.py || { echo "No Chromium found: installing Playwright's own"; \
+		$(PYTHON) -m playwright install chromium; }
 
-clean: ## Remove the build, the generated notebooks and figures (keeps .venv)
+test: lint check-cnnbook book browser ## Lint, check the saved module, build strictly, run the chapters and open every page in Chromium
+	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax --nbval-cell-timeout=120 $(NOTEBOOKS) $(wildcard tests)
+
+clean: ## Remove the build (with its screenshots), the generated notebooks and figures (keeps .venv)
 	rm -rf $(BUILD) $(NOTEBOOKS) $(FIGURES_STAMP) figures/*.svg .pytest_cache

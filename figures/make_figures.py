@@ -113,8 +113,107 @@ def resnet_skeleton(path: Path) -> None:
     plt.close(fig)
 
 
+def resnext_forms(path: Path) -> None:
+    """The three equivalent forms of the ResNeXt-50 block of stage 1 (Fig. 3 of Xie et al., 2017).
+
+    Boxes read "input channels, kernel, output channels", as in the paper; BN and ReLU after
+    each convolution are left out, as there.
+    """
+    fig, ax = plt.subplots(figsize=(11.5, 6.6))
+    ax.set_xlim(0, 15.4)
+    ax.set_ylim(1.6, 10.6)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    ax.grid(False)
+    top, bus, add_y = 9.7, 9.05, 3.0
+    rows = [8.2, 7.0, 5.8]
+
+    def plus(x: float, y: float) -> None:
+        ax.add_patch(plt.Circle((x, y), 0.22, facecolor="white", edgecolor="#333333",
+                                linewidth=1.2, zorder=3))
+        ax.text(x, y, "+", ha="center", va="center", fontsize=11, zorder=4)
+
+    def residual(x_in: float, x_add: float, x_side: float) -> None:
+        """Input text, shortcut down the side, the addition and the output."""
+        ax.text(x_in, top + 0.05, "256-d in", ha="center", va="bottom", fontsize=8.5)
+        ax.plot([x_in, x_side, x_side], [top - 0.05, top - 0.05, add_y], color="#333333",
+                linewidth=1.2)
+        arrow(ax, (x_side, add_y), (x_add + 0.22, add_y))
+        plus(x_add, add_y)
+        arrow(ax, (x_add, add_y - 0.22), (x_add, add_y - 0.75))
+        ax.text(x_add, add_y - 0.8, "256-d out", ha="center", va="top", fontsize=8.5)
+
+    def fan_out(x_in: float, xs: list[float]) -> None:
+        """The input runs down to a bus that feeds the top box of every path."""
+        ax.plot([x_in, x_in], [top - 0.05, bus], color="#333333", linewidth=1.2)
+        ax.plot([xs[0], xs[-1]], [bus, bus], color="#333333", linewidth=1.2)
+        for x, name in zip(xs, ["path 1", "path 2", "path 32"]):
+            arrow(ax, (x, bus), (x, rows[0] + 0.3))
+            ax.text(x + 0.08, (bus + rows[0] + 0.3) / 2, name, ha="left", va="center",
+                    fontsize=7, color="#444444")
+
+    def column(x: float, labels: list[str], grouped_row: int | None = None) -> None:
+        for i, (label, y) in enumerate(zip(labels, rows)):
+            edge = PLUG if i == grouped_row else "#333333"
+            width = 1.05 if len(label) <= 12 else 1.4 if len(label) <= 14 else 2.6
+            box(ax, x, y, width, 0.6, label, edge=edge, size=7.5)
+            if i:
+                arrow(ax, (x, rows[i - 1] - 0.3), (x, y + 0.3))
+
+    # (a) split, transform, merge: 32 paths of three convolutions, summed.
+    xa = [0.8, 2.05, 3.9]
+    x_a = 2.35
+    ax.text(x_a, 10.55, "(a) aggregated transformations", ha="center", va="top",
+            fontsize=10, weight="bold")
+    fan_out(x_a, xa)
+    for x in xa:
+        column(x, ["256, 1x1, 4", "4, 3x3, 4", "4, 1x1, 256"])
+        arrow(ax, (x, rows[-1] - 0.3), (x_a, 4.3 + 0.22))
+    ax.text(2.98, rows[1], "...", ha="center", va="center", fontsize=12)
+    plus(x_a, 4.3)
+    ax.text(x_a + 0.35, 4.3, "sum of 32", ha="left", va="center", fontsize=7.5)
+    arrow(ax, (x_a, 4.3 - 0.22), (x_a, add_y + 0.22))
+    residual(x_a, x_a, 4.85)
+
+    # (b) early concatenation: 32 paths of two convolutions, concatenated, one 1x1.
+    xb = [6.0, 7.25, 9.1]
+    x_b = 7.55
+    ax.text(x_b, 10.55, "(b) early concatenation", ha="center", va="top", fontsize=10,
+            weight="bold")
+    fan_out(x_b, xb)
+    for x in xb:
+        column(x, ["256, 1x1, 4", "4, 3x3, 4"])
+        arrow(ax, (x, rows[1] - 0.3), (x_b, rows[2] + 0.3))
+    ax.text(8.18, rows[1], "...", ha="center", va="center", fontsize=12)
+    box(ax, x_b, rows[2], 2.6, 0.6, "concatenate: 128", size=7.5)
+    box(ax, x_b, 4.35, 1.4, 0.6, "128, 1x1, 256", size=7.5)
+    arrow(ax, (x_b, rows[2] - 0.3), (x_b, 4.35 + 0.3))
+    arrow(ax, (x_b, 4.35 - 0.3), (x_b, add_y + 0.22))
+    residual(x_b, x_b, 10.05)
+
+    # (c) grouped convolution: one column, the 3x3 with 32 groups.
+    xc = 12.6
+    ax.text(xc, 10.55, "(c) grouped convolution", ha="center", va="top", fontsize=10,
+            weight="bold")
+    arrow(ax, (xc, top - 0.05), (xc, rows[0] + 0.3))
+    column(xc, ["256, 1x1, 128", "128, 3x3, 128, groups = 32", "128, 1x1, 256"],
+           grouped_row=1)
+    ax.text(xc, rows[1] - 0.36, "32 groups of 4 channels", ha="center", va="top", fontsize=7,
+            color=PLUG, bbox=dict(facecolor="white", edgecolor="none", pad=0.5), zorder=5)
+    arrow(ax, (xc, rows[2] - 0.3), (xc, add_y + 0.22))
+    residual(xc, xc, 14.6)
+
+    # The forms compute the same function.
+    for x in (5.3, 10.45):
+        ax.text(x, 6.4, "=", ha="center", va="center", fontsize=22, color="#444444")
+
+    fig.savefig(path, metadata={"Date": None})
+    plt.close(fig)
+
+
 def main() -> None:
     resnet_skeleton(HERE / "resnet_skeleton.svg")
+    resnext_forms(HERE / "resnext_forms.svg")
 
 
 if __name__ == "__main__":

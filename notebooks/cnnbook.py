@@ -103,6 +103,9 @@ class Bottleneck(nn.Module):
         check_positive(in_channels=in_channels, channels=channels, stride=stride,
                         groups=groups, base_width=base_width)
         width = int(channels * (base_width / 64.0)) * groups
+        if width < 1:
+            raise ValueError(f"channels * base_width / 64 must be at least 1, got channels={channels}, "
+                             f"base_width={base_width}: the bottleneck would have width 0")
         out_channels = channels * self.expansion
         if downsample is None and (stride != 1 or in_channels != out_channels):
             raise ValueError(
@@ -430,3 +433,35 @@ def precise_bn(model: nn.Module, loader: collections.abc.Iterable[Any], num_batc
         mean, variance = pool_statistics(*statistics)
         layer.running_mean.copy_(mean)
         layer.running_var.copy_(variance)
+
+# -------------------- notebooks/resnext.md --------------------
+
+
+def check_groups(groups: int, **channels: int) -> None:
+    """Raise ``ValueError`` unless ``groups`` is a positive integer that divides every count.
+
+    Example: ``check_groups(32, width=128)`` passes, ``check_groups(48, width=128)`` raises.
+    """
+    check_positive(groups=groups, **channels)
+    for name, value in channels.items():
+        if value % groups:
+            raise ValueError(f"groups must divide {name}, got groups={groups} and "
+                             f"{name}={value} ({value} / {groups} = {value / groups:.3g})")
+
+
+def resnext50_32x4d(num_classes: int = 1000, block_kwargs: dict[str, Any] | None = None,
+                    **kwargs: Any) -> ResNet:
+    """ResNeXt-50 (32x4d) (Xie et al., 2017) as torchvision builds it.
+
+    ResNet-50 whose bottlenecks have a 3x3 convolution with 32 groups, 4 channels per group in
+    the first stage (``groups=32, base_width=4``); each later stage doubles the width.
+
+    Args:
+        num_classes: outputs of the classifier.
+        block_kwargs: more keyword arguments for every block (``attn_layer``...), added to
+            ``groups=32, base_width=4``.
+        **kwargs: passed to :class:`ResNet` (``zero_init_residual``, ``norm_layer``...).
+    """
+    block_kwargs = dict(groups=32, base_width=4, **(block_kwargs or {}))
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, block_kwargs=block_kwargs,
+                  **kwargs)
