@@ -6,11 +6,10 @@ Do not edit: change the chapter and regenerate. Each section names the chapter i
 
 from __future__ import annotations
 
-import collections.abc
 import itertools
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -358,7 +357,7 @@ def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 
 
 @torch.no_grad()
-def batch_statistics(model: nn.Module, loader: collections.abc.Iterable[Any], num_batches: int
+def batch_statistics(model: nn.Module, loader: Iterable[Any], num_batches: int
                      ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per-batch statistics of the input of every BN layer of ``model``, its weights frozen.
 
@@ -421,7 +420,7 @@ def pool_statistics(counts: torch.Tensor, means: torch.Tensor,
     return mean, variance
 
 
-def precise_bn(model: nn.Module, loader: collections.abc.Iterable[Any], num_batches: int) -> None:
+def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> None:
     """Precise BN (Wu & Johnson, 2021): exact population statistics for every BN layer.
 
     Replaces each BN layer's running mean and variance, an exponential moving average collected

@@ -21,6 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "notebooks" / "cnnbook.py"
 MARKER = "#@save"
+LINE_LENGTH = 100  # as in ruff.toml
 
 HEADER = '''"""Code saved from the chapters of The CNN Blocks Book.
 
@@ -64,22 +65,42 @@ def is_import(node: ast.stmt) -> bool:
 
 
 def sort_imports(imports: list[str]) -> str:
-    """Group imports as isort does: __future__, standard library, third party."""
-
-    def module(statement: str) -> str:
-        node = ast.parse(statement).body[0]
-        name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
-        return name or ""
-
-    def key(statement: str) -> tuple[int, str]:
-        return (0 if statement.startswith("import ") else 1, module(statement).lower())
-
-    groups: list[list[str]] = [[], [], []]
+    """Merge and group the saved cells' imports as isort does: __future__, standard library,
+    third party; ``from M import a`` and ``from M import b`` become ``from M import a, b``."""
+    plain: set[str] = set()
+    names: dict[str, set[str]] = {}
     for statement in imports:
-        top = module(statement).split(".")[0]
+        for node in ast.parse(statement).body:
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                names.setdefault(module, set()).update(
+                    alias.name + (f" as {alias.asname}" if alias.asname else "")
+                    for alias in node.names
+                )
+            else:
+                plain.update(
+                    f"import {alias.name}" + (f" as {alias.asname}" if alias.asname else "")
+                    for alias in node.names
+                )
+
+    def render_from(module: str, imported: set[str]) -> str:
+        ordered = sorted(imported, key=lambda name: (not name[:1].isupper(), name.lower()))
+        line = f"from {module} import {', '.join(ordered)}"
+        if len(line) <= LINE_LENGTH:
+            return line
+        return f"from {module} import (\n" + "".join(f"    {name},\n" for name in ordered) + ")"
+
+    statements = [(name.split()[1], 0, name) for name in plain]
+    statements += [(module, 1, render_from(module, imported)) for module, imported in names.items()]
+    groups: list[list[tuple[str, int, str]]] = [[], [], []]
+    for module, kind, text in statements:
+        top = module.split(".")[0]
         group = 0 if top == "__future__" else 1 if top in sys.stdlib_module_names else 2
-        groups[group].append(statement)
-    return "\n\n".join("\n".join(sorted(g, key=key)) for g in groups if g)
+        groups[group].append((module, kind, text))
+    return "\n\n".join(
+        "\n".join(text for _, _, text in sorted(g, key=lambda item: (item[1], item[0].lower())))
+        for g in groups if g
+    )
 
 
 def build_module() -> str:
