@@ -181,6 +181,7 @@ def build(folder: Path, pages: dict[str, str]) -> subprocess.CompletedProcess[st
     shutil.copy(ROOT / "_config.yml", folder)
     shutil.copy(ROOT / "book" / "references.bib", folder / "book")
     shutil.copy(ROOT / "tools" / "book_checks.py", folder / "tools")
+    shutil.copytree(ROOT / "book" / "_static", folder / "book" / "_static")
     (folder / "picture.svg").write_text(SVG)
     (folder / "picture.png").write_bytes(PNG)
     for name, text in pages.items():
