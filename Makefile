@@ -45,6 +45,12 @@ lint: notebooks ## Lint the chapters' code, the saved module and the tools with 
 
 book: $(STAMP) figures ## Build the HTML book into _build/html (warnings are errors)
 	$(PYTHON) tools/save.py
+	@# The execution cache keys on a chapter's own cells; what the chapters import (cnnbook.py)
+	@# or draw with (the plot style) changes their outputs too: a change to either re-executes them.
+	@inputs=$$(cat notebooks/cnnbook.py figures/book.mplstyle requirements.txt | sha256sum); \
+	if [ "$$(cat $(BUILD)/.execution-inputs 2>/dev/null)" != "$$inputs" ]; then \
+		rm -rf $(BUILD)/.jupyter_cache $(BUILD)/.doctrees/environment.pickle; mkdir -p $(BUILD); echo "$$inputs" > $(BUILD)/.execution-inputs; \
+	fi
 	@# Sphinx saves its environment before it reports warnings, so a rebuild after a failed build
 	@# would find nothing out of date and pass: forget the environment when the build fails.
 	$(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going --builder html \
