@@ -124,7 +124,7 @@ COLLECT = """
   const wide = [];
   for (const block of article.querySelectorAll('div.cell pre, div.cell table, div.highlight pre')) {
     if (block.scrollWidth > block.clientWidth + 1) {
-      const longest = block.textContent.split('\n').reduce((a, b) => (b.length > a.length ? b : a), '');
+      const longest = block.textContent.split('\\n').reduce((a, b) => (b.length > a.length ? b : a), '');
       wide.push(`${block.scrollWidth} > ${block.clientWidth} px: ${longest.trim().slice(0, 90)}`);
     }
   }
