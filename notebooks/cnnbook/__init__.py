@@ -667,21 +667,18 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 # -------------------- notebooks/batch_norm.md --------------------
 
 
-def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The BN layers of ``model`` that keep running statistics, in registration
-    order."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+def batch_norm_layers(model: nn.Module) -> list[nn.Module]:
+    """The BN layers of ``model`` that keep running statistics, in order."""
+    classes = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    layers = [m for m in model.modules() if isinstance(m, classes)]
+    return [m for m in layers if m.track_running_stats]
 
 
 @torch.no_grad()
 def batch_statistics(
     model: nn.Module, loader: Iterable[Any], num_batches: int
 ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per-batch statistics of the input of every BN layer of ``model``, its weights frozen.
+    """Per-batch statistics of the input of every BN layer, the weights frozen.
 
     Runs the first ``num_batches`` batches of ``loader`` (tensors, or tuples and
     lists whose first element is the input) through ``model`` in training mode, as
@@ -705,26 +702,22 @@ def batch_statistics(
         x = inputs[0]
         dims = [d for d in range(x.dim()) if d != 1]
         var, mean = torch.var_mean(x, dim=dims, correction=0)
-        records[layer].append(
-            (x.numel() // x.shape[1], mean.cpu().double(), var.cpu().double())
-        )
+        count = x.numel() // x.shape[1]
+        records[layer].append((count, mean.cpu().double(), var.cpu().double()))
 
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    modes = {module: module.training for module in model.modules()}
     device = next(model.parameters()).device
     hooks = [layer.register_forward_pre_hook(record) for layer in layers]
-    model.train()
     seen = 0
     try:
-        for batch in itertools.islice(loader, num_batches):
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(x.to(device))
-            seen += 1
+        with model_mode(model, training=True):
+            for batch in itertools.islice(loader, num_batches):
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                model(x.to(device))
+                seen += 1
     finally:
         for hook in hooks:
             hook.remove()
-        for module, training in modes.items():
-            module.training = training
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])
     if seen < num_batches:
@@ -744,7 +737,7 @@ def batch_statistics(
 def pool_statistics(
     counts: torch.Tensor, means: torch.Tensor, variances: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased variance of all the values of K batches pooled (Eq. eq-precise).
+    """Mean and unbiased variance of K batches' values pooled (Eq. eq-precise).
 
     ``counts``: values per channel of each batch ``(K,)``; ``means`` and biased
     ``variances``: ``(K, C)``. Returns two ``(C,)`` tensors.
@@ -752,14 +745,12 @@ def pool_statistics(
     n_k = counts[:, None]
     n = counts.sum()
     mean = (n_k * means).sum(0) / n
-    variance = (n_k * (variances + (means - mean) ** 2)).sum(0) / (
-        n - 1
-    )  # within + between
-    return mean, variance
+    within_and_between = n_k * (variances + (means - mean) ** 2)
+    return mean, within_and_between.sum(0) / (n - 1)
 
 
 def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> None:
-    """Precise BN (Wu & Johnson, 2021): exact population statistics for every BN layer.
+    """Precise BN (Wu & Johnson, 2021): exact population statistics for each BN.
 
     Replaces each BN layer's running mean and variance, an exponential moving
     average collected while the weights changed, by the statistics of its input over
