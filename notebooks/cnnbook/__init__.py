@@ -840,9 +840,7 @@ class SEBlock(nn.Module):
         check_positive(channels=channels, reduction=reduction)
         if channels // reduction < 1:
             raise ValueError(
-                f"reduction must leave at least one hidden unit, got "
-                f"reduction={reduction} for channels={channels} "
-                f"(channels // reduction = 0)"
+                f"reduction={reduction} > channels={channels} leaves no hidden unit"
             )
         if squeeze not in self.squeeze_pools:
             raise ValueError(
