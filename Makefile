@@ -21,6 +21,11 @@ STYLE := notebooks/cnnbook/book.mplstyle
 # which on Linux bring several GB of CUDA libraries: `make test PYTORCH=cpu`. Set it on the
 # first run (or after `rm -rf .venv`): an installed PyTorch is kept.
 PYTORCH ?= default
+
+# PyTorch's CPU threads (OpenMP) spin while they wait for each other. On a busy machine a
+# spinning thread takes the core that the thread it waits for needs: a gradcheck on a tiny
+# block took 46 s instead of 1.5 s with the other core loaded. Passive waiting sleeps instead.
+export OMP_WAIT_POLICY ?= PASSIVE
 CPU_WHEELS := https://download.pytorch.org/whl/cpu
 
 help: ## List the targets
