@@ -54,6 +54,7 @@ SEARCH_TERMS = {
     "bottleneck": "notebooks/basics.html",
     "receptive field": "notebooks/basics.html",
     "precise bn": "notebooks/batch_norm.html",
+    "excitation": "notebooks/senet.html",
     "notation": "book/notation.html",
 }
 

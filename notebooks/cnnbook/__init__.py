@@ -12,6 +12,7 @@ import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -809,3 +810,102 @@ def resnext50_32x4d(
         block_kwargs=block_kwargs,
         **kwargs,
     )
+
+
+# -------------------- notebooks/senet.md --------------------
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation (Hu et al., 2018): rescale each channel by a gate.
+
+    Squeeze: pool each channel to one number. Excitation: two fully connected
+    layers, ``channels -> channels // reduction -> channels``, written as 1x1
+    convolutions on the pooled map (as timm does), then a gate. Scale: multiply each
+    channel by its gate.
+
+    Args:
+        channels: channels C of the input and the output.
+        reduction: reduction ratio r; the hidden layer has ``channels // reduction``
+            units.
+        squeeze: ``"avg"`` (global average pooling, the paper's choice) or
+            ``"max"``.
+        act_layer: activation between the two layers (ReLU in the paper).
+        gate_layer: activation that makes the weights (sigmoid in the paper).
+        bias: whether the two layers have biases (the released models and timm do).
+
+    Shapes: ``(B, C, H, W)`` -> ``(B, C, H, W)``.
+    """
+
+    squeeze_pools = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        squeeze: str = "avg",
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        gate_layer: Callable[..., nn.Module] = nn.Sigmoid,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        check_positive(channels=channels, reduction=reduction)
+        if channels // reduction < 1:
+            raise ValueError(
+                f"reduction={reduction} > channels={channels} leaves no hidden unit"
+            )
+        if squeeze not in self.squeeze_pools:
+            raise ValueError(
+                f"squeeze must be 'avg' or 'max', got squeeze={squeeze!r}"
+            )
+        hidden = channels // reduction
+        self.pool = self.squeeze_pools[squeeze](1)
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=bias)
+        self.act = create_act(act_layer)
+        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=bias)
+        self.gate = create_act(gate_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        x_se = self.pool(x)  # Eq. (eq-se-squeeze): (B, C, 1, 1)
+        x_se = self.fc1(x_se)  # (B, C / r, 1, 1)
+        x_se = self.act(x_se)
+        x_se = self.fc2(x_se)  # (B, C, 1, 1)
+        x_se = self.gate(x_se)  # Eq. (eq-se-excitation): the weights s
+        return x * x_se  # Eq. (eq-se-scale)
+
+
+def se_resnet50(
+    num_classes: int = 1000,
+    block_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> ResNet:
+    """SE-ResNet-50 (Hu et al., 2018) as timm builds it (``seresnet50``).
+
+    ResNet-50 with an :class:`SEBlock` (``reduction=16``) on the residual branch of
+    every bottleneck, after the last BN and before the addition.
+
+    Args:
+        num_classes: outputs of the classifier.
+        block_kwargs: more keyword arguments for every block; an ``attn_layer``
+            given here replaces the SE block (``partial(SEBlock, reduction=8)``...).
+        **kwargs: passed to :class:`ResNet`.
+    """
+    se_layer = partial(SEBlock, reduction=16)
+    block_kwargs = {"attn_layer": se_layer, **(block_kwargs or {})}
+    return resnet50(num_classes, block_kwargs=block_kwargs, **kwargs)
+
+
+def se_resnext50_32x4d(
+    num_classes: int = 1000,
+    block_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> ResNet:
+    """SE-ResNeXt-50 (32x4d) (Hu et al., 2018) as timm builds it
+    (``seresnext50_32x4d``).
+
+    ResNeXt-50 (32x4d) with an :class:`SEBlock` (``reduction=16``) in every
+    bottleneck. Arguments as :func:`se_resnet50`.
+    """
+    se_layer = partial(SEBlock, reduction=16)
+    block_kwargs = {"attn_layer": se_layer, **(block_kwargs or {})}
+    return resnext50_32x4d(num_classes, block_kwargs=block_kwargs, **kwargs)
