@@ -9,6 +9,8 @@ CHAPTERS := $(wildcard notebooks/*.md)
 NOTEBOOKS := $(CHAPTERS:.md=.ipynb)
 FIGURE_SCRIPTS := $(wildcard figures/*.py)
 FIGURES_STAMP := figures/.generated
+MODULE := notebooks/cnnbook/__init__.py
+STYLE := notebooks/cnnbook/book.mplstyle
 
 .DEFAULT_GOAL := help
 .PHONY: help setup book test notebooks cnnbook check-cnnbook figures lint nbval browser clean
@@ -28,13 +30,13 @@ setup: $(STAMP) ## Create .venv and install requirements.txt into it (when missi
 notebooks: $(STAMP) ## Write notebooks/*.ipynb afresh from the MyST sources (.md)
 	$(VENV)/bin/jupytext --quiet --to ipynb $(CHAPTERS)
 
-cnnbook: $(STAMP) ## Regenerate notebooks/cnnbook.py from the chapters' #@save cells
+cnnbook: $(STAMP) ## Regenerate the module cnnbook from the chapters' #@save cells
 	$(PYTHON) tools/save.py
 
-check-cnnbook: $(STAMP) ## Fail if notebooks/cnnbook.py is out of sync with the chapters
+check-cnnbook: $(STAMP) ## Fail if the module cnnbook is out of sync with the chapters
 	$(PYTHON) tools/save.py --check
 
-$(FIGURES_STAMP): $(STAMP) $(FIGURE_SCRIPTS) figures/book.mplstyle
+$(FIGURES_STAMP): $(STAMP) $(FIGURE_SCRIPTS) $(STYLE)
 	$(PYTHON) figures/make_figures.py
 	touch $@
 
@@ -45,9 +47,9 @@ lint: notebooks ## Lint the chapters' code, the saved module and the tools with 
 
 book: $(STAMP) figures ## Build the HTML book into _build/html (warnings are errors)
 	$(PYTHON) tools/save.py
-	@# The execution cache keys on a chapter's own cells; what the chapters import (cnnbook.py)
+	@# The execution cache keys on a chapter's own cells; what the chapters import (cnnbook)
 	@# or draw with (the plot style) changes their outputs too: a change to either re-executes them.
-	@inputs=$$(cat notebooks/cnnbook.py figures/book.mplstyle requirements.txt | sha256sum); \
+	@inputs=$$(cat $(MODULE) $(STYLE) requirements.txt | sha256sum); \
 	if [ "$$(cat $(BUILD)/.execution-inputs 2>/dev/null)" != "$$inputs" ]; then \
 		rm -rf $(BUILD)/.jupyter_cache $(BUILD)/.doctrees/environment.pickle; mkdir -p $(BUILD); echo "$$inputs" > $(BUILD)/.execution-inputs; \
 	fi
