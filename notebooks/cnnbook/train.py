@@ -63,6 +63,10 @@ RUN_ARGUMENTS = (
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+class ArgumentError(ValueError):
+    """An argument that cannot work; the message names it and its value."""
+
+
 # --------------------------------------------------------------------- networks
 
 
@@ -97,7 +101,7 @@ def check_model(name: str) -> Callable[..., nn.Module]:
     if name not in available:
         close = difflib.get_close_matches(name, available, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
+        raise ArgumentError(
             f"--model {name!r} is not a network of cnnbook{hint}; "
             f"choose one of: {', '.join(sorted(available))}"
         )
@@ -118,7 +122,7 @@ def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
         model = builder(num_classes=num_classes)
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     if first.in_channels != in_channels:
-        raise ValueError(
+        raise ArgumentError(
             f"--model {name} takes {first.in_channels}-channel images but the "
             f"data have {in_channels} channels"
         )
@@ -143,14 +147,14 @@ def load_data(
         return TensorDataset(x_train, y_train), TensorDataset(x_test, y_test), 10, 1
     root = Path(data)
     if not root.is_dir():
-        raise ValueError(
+        raise ArgumentError(
             f"--data {data!r}: no such folder (give 'digits' or a folder of "
             "class folders of images)"
         )
     try:
         from torchvision import datasets, transforms
     except ImportError as error:
-        raise ValueError(
+        raise ArgumentError(
             f"--data {data!r}: reading image folders needs torchvision "
             "(pip install torchvision)"
         ) from error
@@ -181,7 +185,7 @@ def load_data(
             datasets.ImageFolder(test_root, test_transform) if test_root else None
         )
     except (FileNotFoundError, RuntimeError) as error:
-        raise ValueError(f"--data {data!r}: {error}") from error
+        raise ArgumentError(f"--data {data!r}: {error}") from error
     return train_set, test_set, len(train_set.classes), 3
 
 
@@ -287,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
-    """Raise ``ValueError`` naming the first argument that cannot work."""
+    """Raise ``ArgumentError`` (a ValueError) naming the first bad argument."""
     for name in (
         "epochs",
         "batch_size",
@@ -298,31 +302,31 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     ):
         value = getattr(args, name)
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(
+            raise ArgumentError(
                 f"--{name.replace('_', '-')} must be a positive integer, "
                 f"got {value!r}"
             )
     if args.workers < 0:
-        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+        raise ArgumentError(f"--workers must be 0 or more, got {args.workers}")
     if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
+        raise ArgumentError(f"--lr must be positive, got {args.lr}")
     if args.batch_size % world_size:
-        raise ValueError(
+        raise ArgumentError(
             f"--batch-size {args.batch_size} does not split evenly across "
             f"{world_size} processes: give a multiple of {world_size}"
         )
     if args.data != "digits" and not Path(args.data).is_dir():
-        raise ValueError(
+        raise ArgumentError(
             f"--data {args.data!r}: no such folder (give 'digits' or a folder "
             "of class folders of images)"
         )
     check_model(args.model)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but PyTorch sees no CUDA GPU")
+        raise ArgumentError("--device cuda, but PyTorch sees no CUDA GPU")
     if args.device == "cuda" and torch.cuda.device_count() < int(
         os.environ.get("LOCAL_WORLD_SIZE", 1)
     ):
-        raise ValueError(
+        raise ArgumentError(
             f"--device cuda with {os.environ['LOCAL_WORLD_SIZE']} processes on "
             f"this machine but {torch.cuda.device_count()} GPUs: NCCL needs one "
             "GPU per process (use --nproc_per_node <= the number of GPUs)"
@@ -341,7 +345,7 @@ def parse_args(
         args.image_size = 8 if args.data == "digits" else 224
     try:
         check_args(args, world_size)
-    except ValueError as error:
+    except ArgumentError as error:
         p.error(str(error))
     return args
 
@@ -449,7 +453,7 @@ def load_checkpoint(
         if state["run"].get(name) != getattr(args, name)
     ]
     if differ:
-        raise ValueError(
+        raise ArgumentError(
             f"--checkpoint {str(path)!r} belongs to another run: "
             + "; ".join(differ)
         )
@@ -545,7 +549,7 @@ def train(args: argparse.Namespace) -> None:
             model = cnnbook.convert_sync_batchnorm(model)
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the "
+        raise ArgumentError(f"--batch-size {args.batch_size} is larger than the "
                          f"training set ({len(train_set)} images)")
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
@@ -679,7 +683,11 @@ def record_first_step(folder: Path, rank: int, model: nn.Module,
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and train: ``python -m cnnbook.train`` runs this."""
-    train(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        train(args)
+    except ArgumentError as error:   # found on reading the data or the checkpoint
+        parser().error(str(error))
 
 
 if __name__ == "__main__":
