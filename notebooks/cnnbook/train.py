@@ -313,7 +313,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     if args.batch_size % world_size:
         raise ArgumentError(
             f"--batch-size {args.batch_size} does not split evenly across "
-            f"{world_size} processes: give a multiple of {world_size}"
+            f"{world_size} processes"
         )
     if args.data != "digits" and not Path(args.data).is_dir():
         raise ArgumentError(
