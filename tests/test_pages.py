@@ -55,6 +55,7 @@ SEARCH_TERMS = {
     "receptive field": "notebooks/basics.html",
     "precise bn": "notebooks/batch_norm.html",
     "excitation": "notebooks/senet.html",
+    "syncbatchnorm": "notebooks/scaling.html",
     "notation": "book/notation.html",
 }
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -909,3 +910,132 @@ def se_resnext50_32x4d(
     se_layer = partial(SEBlock, reduction=16)
     block_kwargs = {"attn_layer": se_layer, **(block_kwargs or {})}
     return resnext50_32x4d(num_classes, block_kwargs=block_kwargs, **kwargs)
+
+
+# -------------------- notebooks/scaling.md --------------------
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce: every process gets the sum of all the ``x``.
+
+    Process ``r``'s ``x`` enters every process's output, hence every process's
+    loss: its gradient is the sum of all the processes' output gradients (Eq.
+    eq-sync-backward), an all-reduce again.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, group: dist.ProcessGroup
+    ) -> torch.Tensor:
+        ctx.group = group
+        total = x.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad_x = grad_total.clone()
+        dist.all_reduce(grad_x, group=ctx.group)
+        return grad_x, None
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics span the batches of all the processes.
+
+    In training, in a process group of more than one process, each channel is
+    normalised with the mean and variance of the values of all the processes
+    (Eq. eq-sync-stats): each process sums its values and their squares, and one
+    differentiable all-reduce adds up the sums (Eq. eq-sync-sums). Otherwise (in
+    evaluation, or alone) it computes what ``nn.BatchNorm2d`` computes. Same
+    parameters and buffers as ``nn.BatchNorm2d``: state dicts load into either.
+    Unlike ``nn.SyncBatchNorm``, whose fused kernels need a GPU, it runs on every
+    device and backend (gloo on CPUs, NCCL on GPUs).
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats: as in
+            ``nn.BatchNorm2d``.
+        process_group: the processes whose batches are normalised together
+            (default: all).
+
+    Shapes: ``(B, C, H, W)`` -> ``(B, C, H, W)``; ``B`` may differ between the
+    processes.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.process_group = process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        group = self.process_group
+        if group is None and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        if not self.training or group is None or dist.get_world_size(group) == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        channels = x.shape[1]
+        dims = [0, 2, 3]
+        # float64 sums: in float32, E[x^2] - E[x]^2 below could lose most digits.
+        x64 = x.double()
+        local = torch.cat(
+            [
+                x64.new_tensor([x.numel() // channels]),
+                x64.sum(dims),
+                x64.square().sum(dims),
+            ]
+        )
+        total = AllReduceSum.apply(local, group)  # Eq. (eq-sync-sums)
+        n = total[0]
+        mean = total[1 : channels + 1] / n  # Eq. (eq-sync-stats)
+        var = total[channels + 1 :] / n - mean.square()  # biased
+        if self.track_running_stats:
+            with torch.no_grad():  # Eq. (eq-bn-ema), with n of all processes
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative average
+                    momentum = 1 / self.num_batches_tracked.item()
+                else:
+                    momentum = self.momentum
+                self.running_mean.lerp_(mean.to(x.dtype), momentum)
+                self.running_var.lerp_((var * n / (n - 1)).to(x.dtype), momentum)
+        shape = (1, channels, 1, 1)
+        mean, var = mean.to(x.dtype).view(shape), var.to(x.dtype).view(shape)
+        x_hat = (x - mean) * torch.rsqrt(var + self.eps)
+        if not self.affine:
+            return x_hat
+        return x_hat * self.weight.view(shape) + self.bias.view(shape)
+
+
+def convert_sync_batchnorm(
+    module: nn.Module, process_group: dist.ProcessGroup | None = None
+) -> nn.Module:
+    """``module`` with every ``nn.BatchNorm2d`` replaced by a
+    :class:`SyncBatchNorm`; parameters, buffers and modes carry over.
+
+    Converts in place and returns the module (a new one if ``module`` is a
+    BatchNorm2d itself), as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does.
+    """
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm):
+        sync = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+        )
+        tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+        if tensor is not None:
+            sync.to(tensor.device)
+        sync.load_state_dict(module.state_dict())
+        return sync.train(module.training)
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, process_group))
+    return module
