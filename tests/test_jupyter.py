@@ -76,9 +76,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
                 urlopen(Request(f"{base}/api/status", headers={"Authorization": f"token {token}"}),
                         timeout=5)
                 break
-            except (URLError, ConnectionError, TimeoutError):
+            except (URLError, ConnectionError, TimeoutError) as error:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"jupyter server did not start: {process.stderr.read()}")
+                    message = f"jupyter server did not start: {process.stderr.read()}"
+                    raise RuntimeError(message) from error
                 time.sleep(0.5)
         yield base, token, root
     finally:
