@@ -62,12 +62,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
         os.utime(chapter.with_suffix(".ipynb"), (stamp, stamp))
     port, token = free_port(), secrets.token_hex(16)
     home = tmp_path_factory.mktemp("home")
+    log = home / "server.log"  # a file, not a pipe that could fill up and block the server
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"),
            "JUPYTER_RUNTIME_DIR": str(home / "runtime")}
     process = subprocess.Popen(
         [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={port}",
          "--ip=127.0.0.1", "--allow-root", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120  # a busy two-core machine starts it slowly
     try:
@@ -78,7 +79,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
                 break
             except (URLError, ConnectionError, TimeoutError) as error:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    message = f"jupyter server did not start: {process.stderr.read()}"
+                    message = f"jupyter server did not start: {log.read_text()}"
                     raise RuntimeError(message) from error
                 time.sleep(0.5)
         yield base, token, root
