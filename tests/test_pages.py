@@ -54,6 +54,7 @@ SEARCH_TERMS = {
     "bottleneck": "notebooks/basics.html",
     "receptive field": "notebooks/basics.html",
     "precise bn": "notebooks/batch_norm.html",
+    "selective kernel": "notebooks/sknet.html",
     "notation": "book/notation.html",
 }
 
