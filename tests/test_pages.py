@@ -56,6 +56,7 @@ SEARCH_TERMS = {
     "precise bn": "notebooks/batch_norm.html",
     "excitation": "notebooks/senet.html",
     "syncbatchnorm": "notebooks/scaling.html",
+    "selective kernel": "notebooks/sknet.html",
     "notation": "book/notation.html",
 }
 

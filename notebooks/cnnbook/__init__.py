@@ -11,6 +11,7 @@ import inspect
 import itertools
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -910,6 +911,149 @@ def se_resnext50_32x4d(
     se_layer = partial(SEBlock, reduction=16)
     block_kwargs = {"attn_layer": se_layer, **(block_kwargs or {})}
     return resnext50_32x4d(num_classes, block_kwargs=block_kwargs, **kwargs)
+
+
+# -------------------- notebooks/sknet.md --------------------
+
+
+class SKConv(nn.Module):
+    """Selective kernel convolution (Li et al., 2019): split, fuse, select.
+
+    ``M`` paths, path m a grouped 3x3 convolution with dilation m (a (2m+1)x(2m+1)
+    field) with BN and activation; their sum is pooled and reduced to ``d`` values,
+    from which a softmax across the paths gives each channel its blend of the paths.
+
+    Args:
+        channels: channels of the input and the output.
+        stride: stride of every path (2 in the first block of stages 2 to 4).
+        M: number of paths, with dilations 1, 2, ..., M.
+        groups: groups of every path's convolution; must divide ``channels``.
+        reduction: ratio r of Eq. (eq-sk-d).
+        min_dim: the least length L of ``z``: ``d = max(channels // reduction,
+            min_dim)``.
+        norm_layer, act_layer: normalisation and activation classes.
+
+    Shapes: ``(B, channels, H, W)`` -> ``(B, channels, H / stride, W / stride)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        stride: int = 1,
+        M: int = 2,
+        groups: int = 32,
+        reduction: int = 16,
+        min_dim: int = 32,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        check_positive(stride=stride, M=M, reduction=reduction, min_dim=min_dim)
+        check_groups(groups, channels=channels)
+        self.M = M
+        self.attn_channels = max(channels // reduction, min_dim)  # Eq. (eq-sk-d)
+        self.paths = nn.ModuleList(
+            nn.Sequential(
+                OrderedDict(
+                    conv=conv3x3(channels, channels, stride, groups, dilation=m),
+                    bn=norm_layer(channels),
+                    act=create_act(act_layer),
+                )
+            )
+            for m in range(1, M + 1)
+        )
+        self.fc_reduce = conv1x1(channels, self.attn_channels)
+        self.bn = norm_layer(self.attn_channels)
+        self.act = create_act(act_layer)
+        self.fc_select = conv1x1(self.attn_channels, channels * M)
+        self.softmax = nn.Softmax(dim=1)  # across the paths, for each channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H / stride, W / stride)."""
+        # Eq. (eq-sk-split): the M paths, (B, M, C, H, W)
+        x_paths = torch.stack([path(x) for path in self.paths], dim=1)
+        x_fused = x_paths.sum(dim=1)  # U of Eq. (eq-sk-fuse): (B, C, H, W)
+        x_s = x_fused.mean(dim=(2, 3), keepdim=True)  # s: (B, C, 1, 1)
+        x_z = self.fc_reduce(x_s)  # z: (B, d, 1, 1)
+        x_z = self.bn(x_z)
+        x_z = self.act(x_z)
+        logits = self.fc_select(x_z)  # (B, M * C, 1, 1): path m in block m
+        logits = logits.unflatten(1, (self.M, -1))  # (B, M, C, 1, 1)
+        x_attn = self.softmax(logits)  # a of Eq. (eq-sk-select)
+        out = x_paths * x_attn
+        return out.sum(dim=1)  # V of Eq. (eq-sk-select)
+
+
+class SKBottleneck(Bottleneck):
+    """The SK unit (Li et al., 2019): a bottleneck whose 3x3 conv is an SKConv.
+
+    Args:
+        in_channels, channels, stride, downsample, groups, base_width, norm_layer,
+            act_layer, attn_layer: as for :class:`Bottleneck`; ``groups`` are the
+            groups of every SK path.
+        M, reduction, min_dim: as for :class:`SKConv`.
+
+    Shapes: input ``(B, in_channels, H, W)``; output
+    ``(B, channels * expansion, H / stride, W / stride)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        M: int = 2,
+        reduction: int = 16,
+        min_dim: int = 32,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        attn_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            channels,
+            stride,
+            downsample,
+            groups,
+            base_width,
+            norm_layer,
+            act_layer,
+            attn_layer,
+        )
+        width = self.conv1.out_channels
+        self.conv2 = SKConv(
+            width, stride, M, groups, reduction, min_dim, norm_layer, act_layer
+        )
+        # Each SK path has its own BN and activation: none after the SK convolution.
+        self.bn2 = nn.Identity()
+        self.act2 = nn.Identity()
+
+
+def sknet50(
+    num_classes: int = 1000,
+    block_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> ResNet:
+    """SKNet-50 (Li et al., 2019): ResNeXt-50 (32x4d) with SK units, M=2, G=32,
+    r=16, L=32.
+
+    Args:
+        num_classes: outputs of the classifier.
+        block_kwargs: keyword arguments for every block; they override the paper's
+            ``groups=32, base_width=4, M=2, reduction=16, min_dim=32``.
+        **kwargs: passed to :class:`ResNet` (``zero_init_residual``, ...).
+    """
+    paper = dict(groups=32, base_width=4, M=2, reduction=16, min_dim=32)
+    return ResNet(
+        SKBottleneck,
+        [3, 4, 6, 3],
+        num_classes=num_classes,
+        block_kwargs={**paper, **(block_kwargs or {})},
+        **kwargs,
+    )
 
 
 # -------------------- notebooks/scaling.md --------------------
