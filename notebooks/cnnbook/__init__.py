@@ -778,7 +778,7 @@ def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> Non
 
 
 def check_groups(groups: int, **channels: int) -> None:
-    """Raise ``ValueError`` unless ``groups`` is a positive integer that divides every count.
+    """Raise ``ValueError`` unless ``groups`` is a positive int that divides all.
 
     Example: ``check_groups(32, width=128)`` passes, ``check_groups(48, width=128)``
     raises.
@@ -806,10 +806,9 @@ def resnext50_32x4d(
     Args:
         num_classes: outputs of the classifier.
         block_kwargs: more keyword arguments for every block (``attn_layer``...),
-        added to
-            ``groups=32, base_width=4``.
+            added to ``groups=32, base_width=4``.
         **kwargs: passed to :class:`ResNet` (``zero_init_residual``,
-        ``norm_layer``...).
+            ``norm_layer``...).
     """
     block_kwargs = dict(groups=32, base_width=4, **(block_kwargs or {}))
     return ResNet(
