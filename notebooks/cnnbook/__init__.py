@@ -26,8 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def seed_everything(seed: int = 0) -> None:
-    """Seed Python, NumPy and PyTorch (every device) so that a chapter runs the same
-    each time."""
+    """Seed Python, NumPy and PyTorch (every device): a chapter runs the same."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -47,8 +46,7 @@ def use_book_style() -> None:
 
 
 def choose_device() -> torch.device:
-    """Return the fastest device present: a CUDA GPU, else an Apple GPU (MPS), else
-    the CPU."""
+    """Return the fastest device present: CUDA, else Apple's MPS, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -84,9 +82,10 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 def create_act(act_layer: Callable[..., nn.Module]) -> nn.Module:
-    """Build an activation, in place when its class allows it (ReLU, SiLU), else plain (GELU).
+    """Build an activation, in place where its class allows it.
 
-    In place saves one copy of the tensor; not every activation has the option.
+    In place saves one copy of the tensor; ReLU and SiLU have the option, GELU does
+    not and is built plain.
     """
     try:
         accepts_inplace = "inplace" in inspect.signature(act_layer).parameters
@@ -96,8 +95,7 @@ def create_act(act_layer: Callable[..., nn.Module]) -> nn.Module:
 
 
 def check_positive(**values: int) -> None:
-    """Raise ``ValueError`` naming the first argument that is not a positive
-    integer."""
+    """Raise ``ValueError`` naming the first argument that is not a positive int."""
     for name, value in values.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(
@@ -114,22 +112,20 @@ class Bottleneck(nn.Module):
 
     Args:
         in_channels: channels of the input.
-        channels: the stage's base width; the block outputs ``channels * expansion``
-        channels.
-        stride: stride of the 3x3 convolution (2 in the first block of stages 2 to
-        4).
-        downsample: shortcut that matches the identity to the output (shape and
-        channels);
-            ``None`` for the plain identity.
-        groups: groups of the 3x3 convolution (cardinality in ResNeXt).
-        base_width: width of each group for ``channels = 64``; with ``groups``, sets
-        the
-            bottleneck width ``int(channels * base_width / 64) * groups``.
+        channels: the stage's base width; the block outputs
+            ``channels * expansion`` channels.
+        stride: stride of the 3x3 convolution (2 in the first block of stages 2
+            to 4).
+        downsample: shortcut that matches the input to the output (shape and
+            channels); ``None`` for the plain identity.
+        groups: groups of the 3x3 convolution (the cardinality of ResNeXt).
+        base_width: width of each group for ``channels = 64``; with ``groups`` it
+            sets the bottleneck width ``int(channels * base_width / 64) * groups``.
         norm_layer: normalisation taking the number of channels.
         act_layer: activation module class, built by :func:`create_act`.
         attn_layer: optional module built with the output channels and applied to
-        the residual
-            branch just before the addition (SE and CBAM plug in here).
+            the residual branch just before the addition (SE and CBAM plug in
+            here).
 
     Shapes: input ``(B, in_channels, H, W)``; output
     ``(B, channels * expansion, H / stride, W / stride)``.
@@ -160,15 +156,17 @@ class Bottleneck(nn.Module):
         width = int(channels * (base_width / 64.0)) * groups
         if width < 1:
             raise ValueError(
-                f"channels * base_width / 64 must be at least 1, got channels={channels}, "
-                f"base_width={base_width}: the bottleneck would have width 0"
+                "channels * base_width / 64 must be at least 1, got "
+                f"channels={channels}, base_width={base_width}: the bottleneck "
+                "would have width 0"
             )
         out_channels = channels * self.expansion
         if downsample is None and (stride != 1 or in_channels != out_channels):
             raise ValueError(
-                f"downsample is None but the identity (in_channels={in_channels}, stride=1) "
-                f"cannot be added to the output (channels * expansion={out_channels}, "
-                f"stride={stride}): pass a downsample module"
+                "downsample is None but the identity "
+                f"(in_channels={in_channels}, stride=1) cannot be added to the "
+                f"output (channels * expansion={out_channels}, stride={stride}): "
+                "pass a downsample module"
             )
         self.conv1 = conv1x1(in_channels, width)
         self.bn1 = norm_layer(width)
@@ -189,8 +187,7 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_channels, H, W) -> (B, channels * expansion, H / stride, W /
-        stride)."""
+        """(B, in_channels, H, W) -> (B, channels * expansion, H / s, W / s)."""
         identity = x
         out = self.conv1(x)
         out = self.bn1(out)
@@ -203,8 +200,24 @@ class Bottleneck(nn.Module):
         out = self.attn(out)
         if self.downsample is not None:
             identity = self.downsample(x)
-        out = out + identity  # Eq. (residual): y = F(x) + shortcut(x)
+        out = out + identity  # Eq. (eq-residual): y = F(x) + shortcut(x)
         return self.act3(out)
+
+
+def conv_weights(block: nn.Module) -> int:
+    """Weights of the convolutions of ``block`` (BN's scales and shifts not)."""
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    return sum(conv.weight.numel() for conv in convs)
+
+
+# The first block of each stage of ResNet-50 for a 224x224 image (He et al., 2016,
+# Table 1): stage -> (in_channels, channels, stride, input size).
+FIRST_BLOCKS = {
+    "layer1": (64, 64, 1, 56),
+    "layer2": (256, 128, 2, 56),
+    "layer3": (512, 256, 2, 28),
+    "layer4": (1024, 512, 2, 14),
+}
 
 
 class ResNetStem(nn.Sequential):
@@ -248,7 +261,7 @@ def projection_shortcut(
 
 
 class ResNet(nn.Module):
-    """The book's ResNet skeleton: a stem, four stages of blocks, pooling and a classifier.
+    """The book's ResNet skeleton: a stem, four stages of blocks, pool, classifier.
 
     Every chapter builds its 50-layer network on this class by passing its own
     ``block`` (any ``nn.Module`` class with an ``expansion`` attribute and the
@@ -261,15 +274,15 @@ class ResNet(nn.Module):
         num_classes: outputs of the classifier.
         in_channels: channels of the input image.
         block_kwargs: extra keyword arguments for every block (``groups``,
-        ``attn_layer``...).
-        stem_layer: builds the stem from ``(in_channels, stem_channels, norm_layer,
-        act_layer)``.
+            ``attn_layer``...).
+        stem_layer: builds the stem from
+            ``(in_channels, stem_channels, norm_layer, act_layer)``.
         stem_channels: channels the stem outputs.
         downsample_layer: builds a stage's shortcut from
             ``(in_channels, out_channels, stride, norm_layer)``.
         norm_layer, act_layer: passed to the stem and every block.
         zero_init_residual: start every residual branch at zero (Goyal et al.,
-        2017).
+            2017); the blocks with identity shortcuts then start as the identity.
         channels: the base width of each of the four stages; a stage outputs
             ``channels * block.expansion``.
 
@@ -339,8 +352,7 @@ class ResNet(nn.Module):
     def _make_layer(
         self, block: type[nn.Module], channels: int, blocks: int, stride: int
     ) -> nn.Sequential:
-        """One stage: the first block changes stride and channels, the rest keep
-        them."""
+        """One stage: the first block changes stride and channels, no other does."""
         out_channels = channels * block.expansion
         downsample = None
         if stride != 1 or self.inplanes != out_channels:
@@ -396,12 +408,14 @@ class ResNet(nn.Module):
 
 
 def resnet50(num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-50 (He et al., 2016) as torchvision builds it: bottlenecks [3, 4, 6, 3].
+    """ResNet-50 (He et al., 2016) as torchvision builds it (v1.5).
+
+    Bottlenecks in four stages of 3, 4, 6 and 3 blocks.
 
     Args:
         num_classes: outputs of the classifier.
         **kwargs: passed to :class:`ResNet` (``zero_init_residual``,
-        ``norm_layer``...).
+            ``norm_layer``...).
     """
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, **kwargs)
 
@@ -445,8 +459,13 @@ def count_macs(
     return counter.get_total_flops() // 2
 
 
+# ResNet-50 (v1.5) in Xie et al. (2017), Table 1: parameters and FLOPs, which that
+# paper counts as multiply-adds.
+PAPER_RESNET50 = {"params": 25.5e6, "macs": 4.1e9}
+
+
 def copy_weights(source: nn.Module, target: nn.Module) -> None:
-    """Copy every parameter and buffer of ``source`` into ``target``, matched by position.
+    """Copy every parameter and buffer of ``source`` into ``target``, by position.
 
     Two implementations of the same network register their tensors in the same order
     but often under other names (``layer1.0.relu`` vs ``layer1.0.act3``), so names
@@ -524,7 +543,9 @@ def time_forward_backward(
 def load_digits_split(
     device: torch.device | str = "cpu", test_size: float = 0.25, seed: int = 0
 ) -> tuple[torch.Tensor, ...]:
-    """scikit-learn's handwritten digits, split into training and test sets per class.
+    """scikit-learn's handwritten digits, split into training and test sets.
+
+    The split is stratified: each class keeps its share in both sets.
 
     Returns ``x_train`` ``(N, 1, 8, 8)`` with grey values scaled to [0, 1],
     ``y_train`` ``(N,)``, ``x_test`` and ``y_test``, on ``device``. Nothing is
@@ -625,7 +646,7 @@ def train_classifier(
     on_epoch: Callable[[int, nn.Module], None] | None = None,
     threads: int | None = 1,
 ) -> list[float]:
-    """Train ``model`` with cross-entropy, SGD with momentum 0.9 and a cosine schedule.
+    """Train ``model`` with cross-entropy, SGD (momentum 0.9) and a cosine schedule.
 
     The batches are drawn from a generator seeded with ``seed``, so a run repeats
     exactly. ``on_epoch(epoch, model)`` is called after each epoch (1, 2, ...).
@@ -771,7 +792,7 @@ def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> Non
 
 
 def check_groups(groups: int, **channels: int) -> None:
-    """Raise ``ValueError`` unless ``groups`` is a positive integer that divides every count.
+    """Raise ``ValueError`` unless ``groups`` is a positive int that divides all.
 
     Example: ``check_groups(32, width=128)`` passes, ``check_groups(48, width=128)``
     raises.
@@ -799,10 +820,9 @@ def resnext50_32x4d(
     Args:
         num_classes: outputs of the classifier.
         block_kwargs: more keyword arguments for every block (``attn_layer``...),
-        added to
-            ``groups=32, base_width=4``.
+            added to ``groups=32, base_width=4``.
         **kwargs: passed to :class:`ResNet` (``zero_init_residual``,
-        ``norm_layer``...).
+            ``norm_layer``...).
     """
     block_kwargs = dict(groups=32, base_width=4, **(block_kwargs or {}))
     return ResNet(
