@@ -50,6 +50,7 @@ SEARCH_TERMS = {
     "bottleneck": "notebooks/basics.html",
     "receptive field": "notebooks/basics.html",
     "precise bn": "notebooks/batch_norm.html",
+    "split attention": "notebooks/resnest.html",
     "notation": "book/notation.html",
 }
 
