@@ -837,14 +837,14 @@ class RSoftmax(nn.Module):
 
 
 class SplitAttention(nn.Module):
-    """Split attention (Zhang et al., 2022), Eqs. (eq-resnest-splits) to (-fuse).
+    """Split attention (Zhang et al., 2022): splits weighted by their attention.
 
-    One convolution with ``groups * radix`` groups computes the ``radix`` splits of
-    every cardinal group, radix-major, followed by BN and the activation. Each
-    cardinal group pools the sum of its splits; two 1x1 convolutions with
-    ``groups`` groups (one small MLP per cardinal group) and :class:`RSoftmax` give
-    a weight per split and channel, and the output is the weighted sum of the
-    splits.
+    Eqs. (eq-resnest-splits) to (eq-resnest-fuse). One convolution with ``groups *
+    radix`` groups computes the ``radix`` splits of every cardinal group,
+    radix-major, followed by BN and the activation. Each cardinal group pools the
+    sum of its splits; two 1x1 convolutions with ``groups`` groups (one small MLP
+    per cardinal group) and :class:`RSoftmax` give a weight per split and channel,
+    and the output is the weighted sum of the splits.
 
     Args:
         in_channels: input channels; ``groups * radix`` must divide them.
