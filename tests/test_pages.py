@@ -57,6 +57,7 @@ SEARCH_TERMS = {
     "excitation": "notebooks/senet.html",
     "syncbatchnorm": "notebooks/scaling.html",
     "selective kernel": "notebooks/sknet.html",
+    "split attention": "notebooks/resnest.html",
     "notation": "book/notation.html",
 }
 
