@@ -50,6 +50,7 @@ SEARCH_TERMS = {
     "bottleneck": "notebooks/basics.html",
     "receptive field": "notebooks/basics.html",
     "precise bn": "notebooks/batch_norm.html",
+    "spatial attention": "notebooks/cbam.html",
     "notation": "book/notation.html",
 }
 
