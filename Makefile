@@ -9,18 +9,32 @@ CHAPTERS := $(wildcard notebooks/*.md)
 NOTEBOOKS := $(CHAPTERS:.md=.ipynb)
 FIGURE_SCRIPTS := $(wildcard figures/*.py)
 FIGURES_STAMP := figures/.generated
+STANDALONE := $(BUILD)/standalone
+MODULE := notebooks/cnnbook/__init__.py
+STYLE := notebooks/cnnbook/book.mplstyle
 
 .DEFAULT_GOAL := help
-.PHONY: help setup book test notebooks cnnbook check-cnnbook figures lint nbval browser clean
+.PHONY: help setup book test notebooks format cnnbook check-cnnbook figures lint nbval standalone \
+	browser clean
+
+# PYTORCH=cpu installs PyTorch's CPU-only wheels (a few hundred MB) instead of the default ones,
+# which on Linux bring several GB of CUDA libraries: `make test PYTORCH=cpu`. Set it on the
+# first run (or after `rm -rf .venv`): an installed PyTorch is kept.
+PYTORCH ?= default
+CPU_WHEELS := https://download.pytorch.org/whl/cpu
 
 help: ## List the targets
 	@echo "The CNN Blocks Book"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # The environment is (re)installed when it is missing or requirements.txt is newer than it.
-$(STAMP): requirements.txt
+# The book's module is installed editable, so the chapters import it from any folder.
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(if $(filter cpu,$(PYTORCH)),$(PYTHON) -m pip install --quiet --disable-pip-version-check \
+		--index-url $(CPU_WHEELS) $$(grep -E '^(torch|torchvision)\b' requirements.txt))
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	cp requirements.txt $@
 
 setup: $(STAMP) ## Create .venv and install requirements.txt into it (when missing or stale)
@@ -28,26 +42,32 @@ setup: $(STAMP) ## Create .venv and install requirements.txt into it (when missi
 notebooks: $(STAMP) ## Write notebooks/*.ipynb afresh from the MyST sources (.md)
 	$(VENV)/bin/jupytext --quiet --to ipynb $(CHAPTERS)
 
-cnnbook: $(STAMP) ## Regenerate notebooks/cnnbook.py from the chapters' #@save cells
+# JupyterLab refuses a chapter whose .md is not in the form Jupytext writes once its .ipynb is
+# newer; tests/test_jupyter.py fails on such a chapter, and this rewrites it in that form.
+format: $(STAMP) ## Rewrite the chapters' .md in Jupytext's own form (metadata, spacing)
+	for chapter in $(CHAPTERS); do $(VENV)/bin/jupytext --quiet --to md:myst -o $$chapter $$chapter; done
+
+cnnbook: $(STAMP) ## Regenerate the module cnnbook from the chapters' #@save cells
 	$(PYTHON) tools/save.py
 
-check-cnnbook: $(STAMP) ## Fail if notebooks/cnnbook.py is out of sync with the chapters
+check-cnnbook: $(STAMP) ## Fail if the module cnnbook is out of sync with the chapters
 	$(PYTHON) tools/save.py --check
 
-$(FIGURES_STAMP): $(STAMP) $(FIGURE_SCRIPTS) figures/book.mplstyle
+$(FIGURES_STAMP): $(STAMP) $(FIGURE_SCRIPTS) $(STYLE)
 	$(PYTHON) figures/make_figures.py
 	touch $@
 
 figures: $(FIGURES_STAMP) ## Draw the diagrams in figures/ from their scripts
 
-lint: notebooks ## Lint the chapters' code, the saved module and the tools with ruff
-	$(VENV)/bin/ruff check notebooks tools figures $(wildcard tests)
+# The .ipynb are named: ruff skips files that .gitignore lists when it walks a folder.
+lint: notebooks ## Lint the chapters' code (84 columns), the saved module and the tools with ruff
+	$(VENV)/bin/ruff check $(NOTEBOOKS) notebooks tools figures $(wildcard tests)
 
 book: $(STAMP) figures ## Build the HTML book into _build/html (warnings are errors)
 	$(PYTHON) tools/save.py
-	@# The execution cache keys on a chapter's own cells; what the chapters import (cnnbook.py)
+	@# The execution cache keys on a chapter's own cells; what the chapters import (cnnbook)
 	@# or draw with (the plot style) changes their outputs too: a change to either re-executes them.
-	@inputs=$$(cat notebooks/cnnbook.py figures/book.mplstyle requirements.txt | sha256sum); \
+	@inputs=$$(cat $(MODULE) $(STYLE) requirements.txt | sha256sum); \
 	if [ "$$(cat $(BUILD)/.execution-inputs 2>/dev/null)" != "$$inputs" ]; then \
 		rm -rf $(BUILD)/.jupyter_cache $(BUILD)/.doctrees/environment.pickle; mkdir -p $(BUILD); echo "$$inputs" > $(BUILD)/.execution-inputs; \
 	fi
@@ -56,8 +76,17 @@ book: $(STAMP) figures ## Build the HTML book into _build/html (warnings are err
 	$(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going --builder html \
 		|| { rm -f $(BUILD)/.doctrees/environment.pickle; exit 1; }
 
-nbval: notebooks ## Run every chapter with nbval
-	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax --nbval-cell-timeout=120 $(NOTEBOOKS)
+# nbval runs each chapter as a reader who downloaded only its .ipynb runs it: alone in an empty
+# folder, with the book's module installed (the book build runs them from notebooks/).
+standalone: notebooks
+	rm -rf $(STANDALONE)
+	for notebook in $(NOTEBOOKS); do mkdir -p $(STANDALONE)/$$(basename $$notebook .ipynb); \
+		cp $$notebook $(STANDALONE)/$$(basename $$notebook .ipynb)/; done
+
+NBVAL := -p no:cacheprovider --nbval-lax --nbval-cell-timeout=120 $(STANDALONE)/*/*.ipynb
+
+nbval: standalone ## Run every chapter with nbval, each alone in an empty folder
+	$(PYTHON) -m pytest $(NBVAL)
 
 # tests/test_pages.py drives a Chromium: the system's when there is one (CI installs Debian's
 # `chromium`), else Playwright's own, downloaded once into ~/.cache/ms-playwright.
@@ -65,8 +94,8 @@ browser: $(STAMP) ## Find a Chromium for the page tests, or install Playwright's
 	@$(PYTHON) tests/chromium.py || { echo "No Chromium found: installing Playwright's own"; \
 		$(PYTHON) -m playwright install chromium; }
 
-test: lint check-cnnbook book browser ## Lint, check the saved module, build strictly, run the chapters and open every page in Chromium
-	$(PYTHON) -m pytest -p no:cacheprovider --nbval-lax --nbval-cell-timeout=120 $(NOTEBOOKS) $(wildcard tests)
+test: lint check-cnnbook book browser standalone ## Lint, check the module, build strictly, run the chapters, open every page
+	$(PYTHON) -m pytest $(NBVAL) $(wildcard tests)
 
 clean: ## Remove the build (with its screenshots), the generated notebooks and figures (keeps .venv)
 	rm -rf $(BUILD) $(NOTEBOOKS) $(FIGURES_STAMP) figures/*.svg .pytest_cache

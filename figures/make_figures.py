@@ -2,7 +2,7 @@
 
 Each diagram is one function below; the chapters include the SVG files with a `{figure}`
 directive. Plots of measured quantities are drawn inside the chapters instead, with the same
-style file (figures/book.mplstyle), so the numbers they show are computed where they are used.
+style file (notebooks/cnnbook/book.mplstyle), so the numbers they show are computed where they are used.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-plt.style.use(HERE / "book.mplstyle")
+# The style ships with the book's module, so that chapters find it wherever they run.
+plt.style.use(HERE.parent / "notebooks" / "cnnbook" / "book.mplstyle")
 PALETTE = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 PLAIN = "#E8EEF4"
 PLUG = PALETTE[3]
@@ -25,7 +26,8 @@ PLUG = PALETTE[3]
 def box(ax: plt.Axes, x: float, y: float, w: float, h: float, text: str,
         color: str = PLAIN, edge: str = "#333333", size: float = 9) -> None:
     """A rounded box with centred text; (x, y) is the centre."""
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h,
+                                boxstyle="round,pad=0.02,rounding_size=0.08",
                                 facecolor=color, edgecolor=edge, linewidth=1.2, zorder=3))
     ax.text(x, y, text, ha="center", va="center", fontsize=size, zorder=4)
 

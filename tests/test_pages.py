@@ -42,7 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 HTML = ROOT / "_build" / "html"
 EXECUTED = ROOT / "_build" / "jupyter_execute"
 SCREENSHOTS = ROOT / "_build" / "screenshots"
+# The most common laptop width: code and outputs must fit the column without sideways scrolling.
 VIEWPORT = {"width": 1280, "height": 900}
+# Playwright's waits, generous enough for a busy two-core machine: a full-page screenshot of a
+# long chapter (25,000 px and more) takes several seconds there while other tests run.
+TIMEOUT_MS = 90_000
 
 # Terms a reader searches for, each with a page that the search must list. Every term is in
 # the book's text; add a chapter's key term when the chapter lands.
@@ -117,6 +121,14 @@ COLLECT = """
       overflow.push((eqno ? eqno.firstChild.textContent.trim() + ' ' : '') + math.textContent.slice(0, 60));
     }
   }
+  // Code cells, printed outputs and tables that need a sideways scroll in the column.
+  const wide = [];
+  for (const block of article.querySelectorAll('div.cell pre, div.cell table, div.highlight pre')) {
+    if (block.scrollWidth > block.clientWidth + 1) {
+      const longest = block.textContent.split('\n').reduce((a, b) => (b.length > a.length ? b : a), '');
+      wide.push(`${block.scrollWidth} > ${block.clientWidth} px: ${longest.trim().slice(0, 90)}`);
+    }
+  }
   const link = selector => {
     const a = document.querySelector(selector);
     return a ? a.href : null;
@@ -138,6 +150,9 @@ COLLECT = """
       overflow: overflow,
     },
     outputs: document.querySelectorAll('div.cell_output').length,
+    wide: wide,
+    launch: [...document.querySelectorAll('.dropdown-launch-buttons a, a.btn-launch')]
+      .map(a => a.href),
     unexpectedErrors: [...document.querySelectorAll('.cell_output .traceback')]
       .filter(e => !e.closest('.cell').classList.contains('tag_raises-exception'))
       .map(e => e.textContent.trim().split('\\n').pop()),
@@ -204,6 +219,9 @@ class Site:
         self.browser = self.playwright.chromium.launch(executable_path=find_chromium(), args=FLAGS)
         self.contexts = {scheme: self.browser.new_context(viewport=VIEWPORT, color_scheme=scheme)
                          for scheme in ("light", "dark")}
+        for context in self.contexts.values():
+            context.set_default_timeout(TIMEOUT_MS)
+            context.set_default_navigation_timeout(TIMEOUT_MS)
         self.visits: dict[tuple[str, str], PageVisit] = {}
 
     def close(self) -> None:
@@ -239,7 +257,7 @@ class Site:
         try:  # MathJax is deferred; its startup promise resolves once the page is typeset
             tab.wait_for_function("() => !document.querySelector('.math') || "
                                   "(window.MathJax && MathJax.startup && MathJax.startup.promise)",
-                                  timeout=15_000)
+                                  timeout=TIMEOUT_MS)
             tab.evaluate("async () => { if (window.MathJax && MathJax.startup) "
                          "await MathJax.startup.promise; await document.fonts.ready; }")
         except PlaywrightError:  # reported by test_equations_rendered
@@ -251,7 +269,7 @@ class Site:
         if (page, scheme) in self.visits:
             return self.visits[page, scheme]
         tab, visit = self.open(page, scheme)
-        tab.set_default_timeout(5_000)
+        tab.set_default_timeout(TIMEOUT_MS)
         visit.data = tab.evaluate(COLLECT)
         path = SCREENSHOTS / scheme / f"{slug(page)}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,7 +415,7 @@ def test_previous_and_next_follow_the_toc(visit: Callable[..., PageVisit], site:
 
 def test_site_root_opens_the_first_page(site: Site) -> None:
     tab, seen = site.open("index.html")
-    tab.wait_for_url(urljoin(site.base, TOC[0]), timeout=10_000)  # the root only redirects
+    tab.wait_for_url(urljoin(site.base, TOC[0]), timeout=TIMEOUT_MS)  # the root only redirects
     tab.close()
     assert seen.console_errors == [] and seen.outside_requests == []
 
@@ -413,6 +431,19 @@ def cells_with_outputs(notebook: nbformat.NotebookNode) -> int:
     hidden = {"remove-output", "remove-cell"}
     return sum(1 for cell in notebook.cells if cell.cell_type == "code" and cell.outputs
                and not hidden & set(cell.metadata.get("tags", [])))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_code_fits_the_column(visit: Callable[..., PageVisit], page: str) -> None:
+    """At 1280 px no code cell, printed output or output table scrolls sideways."""
+    assert visit(page).data["wide"] == []
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_no_launch_buttons(visit: Callable[..., PageVisit], page: str) -> None:
+    """No button sends a reader to a service that cannot open the chapter: the paired .ipynb
+    is generated, not committed, so Binder and Colab would find no notebook at its path."""
+    assert visit(page).data["launch"] == []
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
@@ -472,7 +503,7 @@ def test_figures_readable_in_dark_mode(visit: Callable[..., PageVisit], page: st
 @pytest.mark.parametrize("term", SEARCH_TERMS)
 def test_search_finds(site: Site, term: str) -> None:
     tab, seen = site.open("search.html", query="?" + urlencode({"q": term}))
-    tab.wait_for_selector("#search-results p.search-summary", timeout=15_000)
+    tab.wait_for_selector("#search-results p.search-summary", timeout=TIMEOUT_MS)
     found = tab.locator("#search-results ul.search li a").evaluate_all(
         "links => links.map(a => a.href)")
     path = SCREENSHOTS / "light" / f"search--{term.replace(' ', '-')}.png"

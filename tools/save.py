@@ -1,10 +1,11 @@
-"""Collect the chapters' ``#@save`` cells into the book's small module ``notebooks/cnnbook.py``.
+"""Collect the chapters' ``#@save`` cells into the book's module ``cnnbook``.
 
 A chapter defines every block inline, where the reader sees it. A code cell whose first line is
 ``#@save`` is also code that later chapters reuse: this script copies those cells, in the order
-of ``_toc.yml``, into one module, so a later chapter writes ``from cnnbook import Bottleneck``
-instead of copying the cell. ``make cnnbook`` regenerates the module; ``make test`` runs this
-script with ``--check`` and fails when the committed module and the chapters disagree.
+of ``_toc.yml``, into ``notebooks/cnnbook/__init__.py``, so a later chapter writes
+``from cnnbook import Bottleneck`` instead of copying the cell. ``make cnnbook`` regenerates
+the module; ``make test`` runs this script with ``--check`` and fails when the committed
+module and the chapters disagree.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,9 +21,8 @@ import jupytext
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULE = ROOT / "notebooks" / "cnnbook.py"
+MODULE = ROOT / "notebooks" / "cnnbook" / "__init__.py"
 MARKER = "#@save"
-LINE_LENGTH = 100  # as in ruff.toml
 
 HEADER = '''"""Code saved from the chapters of The CNN Blocks Book.
 
@@ -64,47 +65,18 @@ def is_import(node: ast.stmt) -> bool:
     return isinstance(node, (ast.Import, ast.ImportFrom))
 
 
-def sort_imports(imports: list[str]) -> str:
-    """Merge and group the saved cells' imports as isort does: __future__, standard library,
-    third party; ``from M import a`` and ``from M import b`` become ``from M import a, b``."""
-    plain: set[str] = set()
-    names: dict[str, set[str]] = {}
-    for statement in imports:
-        for node in ast.parse(statement).body:
-            if isinstance(node, ast.ImportFrom):
-                module = "." * node.level + (node.module or "")
-                names.setdefault(module, set()).update(
-                    alias.name + (f" as {alias.asname}" if alias.asname else "")
-                    for alias in node.names
-                )
-            else:
-                plain.update(
-                    f"import {alias.name}" + (f" as {alias.asname}" if alias.asname else "")
-                    for alias in node.names
-                )
-
-    def render_from(module: str, imported: set[str]) -> str:
-        ordered = sorted(imported, key=lambda name: (not name[:1].isupper(), name.lower()))
-        line = f"from {module} import {', '.join(ordered)}"
-        if len(line) <= LINE_LENGTH:
-            return line
-        return f"from {module} import (\n" + "".join(f"    {name},\n" for name in ordered) + ")"
-
-    statements = [(name.split()[1], 0, name) for name in plain]
-    statements += [(module, 1, render_from(module, imported)) for module, imported in names.items()]
-    groups: list[list[tuple[str, int, str]]] = [[], [], []]
-    for module, kind, text in statements:
-        top = module.split(".")[0]
-        group = 0 if top == "__future__" else 1 if top in sys.stdlib_module_names else 2
-        groups[group].append((module, kind, text))
-    return "\n\n".join(
-        "\n".join(text for _, _, text in sorted(g, key=lambda item: (item[1], item[0].lower())))
-        for g in groups if g
-    )
+def ruff(*args: str, text: str) -> str:
+    """Run ruff on ``text`` as if it were the module's file (so the module's ruff settings
+    apply) and return what ruff writes."""
+    command = [sys.executable, "-m", "ruff", *args, "--stdin-filename", str(MODULE), "-"]
+    result = subprocess.run(command, input=text, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command[2:])} failed:\n{result.stderr}")
+    return result.stdout
 
 
 def build_module() -> str:
-    """Build the text of ``cnnbook.py`` from the chapters."""
+    """Build the text of the module from the chapters."""
     imports: list[str] = []
     sections: list[str] = []
     defined: dict[str, str] = {}
@@ -142,13 +114,16 @@ def build_module() -> str:
         if bodies:
             rel = chapter.relative_to(ROOT).as_posix()
             sections.append(f"# {'-' * 20} {rel} {'-' * 20}\n\n\n" + "\n\n\n".join(bodies))
-    parts = [HEADER, sort_imports(imports), *sections]
-    return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
+    parts = [HEADER, "\n".join(imports), *sections]
+    text = "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
+    # ruff merges and sorts the imports collected from every chapter, then formats the module.
+    text = ruff("check", "--quiet", "--select", "I", "--fix", "--exit-zero", text=text)
+    return ruff("format", "--quiet", text=text)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if cnnbook.py is stale")
+    parser.add_argument("--check", action="store_true", help="fail if the module is stale")
     args = parser.parse_args()
     text = build_module()
     current = MODULE.read_text() if MODULE.exists() else ""
