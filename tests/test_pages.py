@@ -58,6 +58,7 @@ SEARCH_TERMS = {
     "syncbatchnorm": "notebooks/scaling.html",
     "selective kernel": "notebooks/sknet.html",
     "split attention": "notebooks/resnest.html",
+    "spatial attention": "notebooks/cbam.html",
     "notation": "book/notation.html",
 }
 

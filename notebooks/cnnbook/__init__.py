@@ -1401,6 +1401,220 @@ def resnest50(
     )
 
 
+# -------------------- notebooks/cbam.md --------------------
+
+
+CHANNEL_POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "avg": lambda x: x.mean(dim=(2, 3)),  # F^c_avg: (B, C, H, W) -> (B, C)
+    "max": lambda x: x.amax(dim=(2, 3)),  # F^c_max
+}
+
+
+class ChannelAttention(nn.Module):
+    """CBAM's channel attention, Eq. (eq-cbam-channel) as (eq-cbam-stacked).
+
+    Pools every channel over all positions (mean, max, or both), runs the pooled
+    vectors through one shared MLP ``C -> C // reduction -> C``, sums, and gates:
+    ``x * M_c(x)``.
+    With ``pools=("avg",)`` this is SE's excitation.
+
+    Args:
+        channels: channels ``C`` of the input.
+        reduction: ratio ``r`` of the MLP's bottleneck; needs
+            ``channels // reduction >= 1``.
+        act_layer: activation of the hidden layer.
+        gate_layer: the gate (sigmoid).
+        pools: descriptors to pool, distinct names from ``("avg", "max")``.
+        bias: biases in the MLP (the authors' code has them, the paper's equation
+            not).
+
+    Shapes: ``(B, C, H, W)`` -> ``(B, C, H, W)``; :meth:`attention_map` gives
+    ``(B, C, 1, 1)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        gate_layer: Callable[..., nn.Module] = nn.Sigmoid,
+        pools: Sequence[str] = ("avg", "max"),
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        check_positive(channels=channels, reduction=reduction)
+        hidden = channels // reduction
+        if hidden < 1:
+            raise ValueError(
+                f"channels // reduction must be at least 1, got "
+                f"channels={channels}, reduction={reduction}"
+            )
+        pools = tuple(pools)
+        if (
+            not pools
+            or len(set(pools)) != len(pools)
+            or not set(pools) <= {"avg", "max"}
+        ):
+            raise ValueError(
+                f"pools must be distinct names of 'avg', 'max', got pools={pools!r}"
+            )
+        self.pools = pools
+        self.fc1 = nn.Linear(channels, hidden, bias=bias)  # W_0, b_0
+        self.act = create_act(act_layer)
+        self.fc2 = nn.Linear(hidden, channels, bias=bias)  # W_1, b_1
+        self.gate = create_act(gate_layer)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """As the authors' code: PyTorch's default MLP weights, zero biases."""
+        for fc in (self.fc1, self.fc2):
+            fc.reset_parameters()
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """M_c(x): (B, C, H, W) -> (B, C, 1, 1), in (0, 1) for a sigmoid gate."""
+        batch, channels = x.shape[:2]
+        x_pool = torch.cat([CHANNEL_POOLS[p](x) for p in self.pools])  # (P * B, C)
+        x_attn = self.fc1(x_pool)
+        x_attn = self.act(x_attn)
+        x_attn = self.fc2(x_attn)  # one MLP call
+        x_attn = x_attn.view(len(self.pools), batch, channels).sum(
+            dim=0
+        )  # Z_avg + Z_max
+        return self.gate(x_attn).view(batch, channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W): Eq. (eq-cbam-sequence), first line."""
+        return x * self.attention_map(x)
+
+
+class SpatialAttention(nn.Module):
+    """CBAM's spatial attention, Eq. (eq-cbam-spatial): ``x * M_s(x)``.
+
+    Pools every position over the channels (mean and max, in this order), convolves
+    the two maps with one ``kernel_size x kernel_size`` filter ('same' padding),
+    normalises and gates.
+
+    Args:
+        kernel_size: odd size ``k`` of the filter (7; 3 in the paper's ablation).
+        norm_layer: normalisation of the one-channel map (BN in the authors' code
+            and timm); ``None`` for the paper's equation, with a conv bias instead.
+        gate_layer: the gate (sigmoid).
+
+    Shapes: ``(B, C, H, W)`` -> ``(B, C, H, W)``; :meth:`attention_map` gives
+    ``(B, 1, H, W)``.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 7,
+        norm_layer: Callable[[int], nn.Module] | None = nn.BatchNorm2d,
+        gate_layer: Callable[..., nn.Module] = nn.Sigmoid,
+    ) -> None:
+        super().__init__()
+        check_positive(kernel_size=kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size must be odd (same padding), "
+                f"got kernel_size={kernel_size}"
+            )
+        self.conv = nn.Conv2d(
+            2, 1, kernel_size, padding=kernel_size // 2, bias=norm_layer is None
+        )
+        self.bn = norm_layer(1) if norm_layer is not None else nn.Identity()
+        self.gate = create_act(gate_layer)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """As the authors' code: Kaiming normal filter, BN scale zero.
+
+        The gate starts at sigmoid(0) = 1/2 everywhere and learns where to differ.
+        """
+        nn.init.kaiming_normal_(
+            self.conv.weight, mode="fan_out", nonlinearity="relu"
+        )
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+        if isinstance(self.bn, nn.modules.batchnorm._NormBase) and self.bn.affine:
+            nn.init.zeros_(self.bn.weight)
+            nn.init.zeros_(self.bn.bias)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """M_s(x): (B, C, H, W) -> (B, 1, H, W), in (0, 1) for a sigmoid gate."""
+        x_avg = x.mean(dim=1, keepdim=True)  # F^s_avg
+        x_max = x.amax(dim=1, keepdim=True)  # F^s_max
+        x_attn = torch.cat([x_avg, x_max], dim=1)  # (B, 2, H, W)
+        x_attn = self.conv(x_attn)
+        x_attn = self.bn(x_attn)
+        return self.gate(x_attn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W): Eq. (eq-cbam-sequence), second line."""
+        return x * self.attention_map(x)
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al., 2018): channel attention,
+    spatial attention on its output, Eq. (eq-cbam-sequence).
+
+    Args:
+        channels: channels ``C`` of the input.
+        reduction: ratio ``r`` of the channel MLP; ``channels // reduction >= 1``.
+        kernel_size: odd size of the spatial filter.
+        act_layer: activation of the channel MLP's hidden layer.
+        gate_layer: the gate of both maps (sigmoid).
+        norm_layer: normalisation of the spatial map (BN; ``None``: a conv bias).
+        bias: biases in the channel MLP.
+
+    Shapes: ``(B, C, H, W)`` -> ``(B, C, H, W)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        kernel_size: int = 7,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        gate_layer: Callable[..., nn.Module] = nn.Sigmoid,
+        norm_layer: Callable[[int], nn.Module] | None = nn.BatchNorm2d,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.channel = ChannelAttention(
+            channels, reduction, act_layer, gate_layer, bias=bias
+        )
+        self.spatial = SpatialAttention(kernel_size, norm_layer, gate_layer)
+
+    def init_weights(self) -> None:
+        """Each part initialises itself (see their ``init_weights``)."""
+        self.channel.init_weights()
+        self.spatial.init_weights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        x = self.channel(x)  # F' = M_c(F) * F
+        return self.spatial(x)  # F'' = M_s(F') * F'
+
+
+def cbam_resnet50(
+    num_classes: int = 1000,
+    reduction: int = 16,
+    kernel_size: int = 7,
+    **kwargs: Any,
+) -> ResNet:
+    """CBAM-ResNet-50 (Woo et al., 2018): ResNet-50 with a :class:`CBAM` on the
+    branch of every bottleneck, after the last BN and before the addition.
+
+    Args:
+        num_classes: outputs of the classifier.
+        reduction, kernel_size: of every CBAM.
+        **kwargs: passed to :class:`ResNet` through ``resnet50``.
+    """
+    attn_layer = partial(CBAM, reduction=reduction, kernel_size=kernel_size)
+    return resnet50(num_classes, block_kwargs=dict(attn_layer=attn_layer), **kwargs)
+
+
 # -------------------- notebooks/scaling.md --------------------
 
 
