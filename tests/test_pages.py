@@ -55,6 +55,7 @@ SEARCH_TERMS = {
     "receptive field": "notebooks/basics.html",
     "precise bn": "notebooks/batch_norm.html",
     "notation": "book/notation.html",
+    "choosing a block": "notebooks/comparison.html",
 }
 
 
