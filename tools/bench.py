@@ -297,9 +297,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=112, help="CPU image size")
     parser.add_argument("--cuda-batch", type=int, default=32, help="GPU batch size")
     parser.add_argument("--cuda-size", type=int, default=224, help="GPU image size")
-    parser.add_argument("--min-run-time", type=float, default=2.0,
+    parser.add_argument("--min-run-time", type=float, default=3.0,
                         help="seconds of timing per model, split over the rounds")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--profile-above", type=float, default=1.05,
                         help="profile the pairs whose ratio is above this")
     parser.add_argument("--no-profile", action="store_true")
