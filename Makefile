@@ -21,6 +21,11 @@ STYLE := notebooks/cnnbook/book.mplstyle
 # which on Linux bring several GB of CUDA libraries: `make test PYTORCH=cpu`. Set it on the
 # first run (or after `rm -rf .venv`): an installed PyTorch is kept.
 PYTORCH ?= default
+
+# PyTorch's CPU threads (OpenMP) spin while they wait for each other. On a busy machine a
+# spinning thread takes the core that the thread it waits for needs: a gradcheck on a tiny
+# block took 46 s instead of 1.5 s with the other core loaded. Passive waiting sleeps instead.
+export OMP_WAIT_POLICY ?= PASSIVE
 CPU_WHEELS := https://download.pytorch.org/whl/cpu
 
 help: ## List the targets
@@ -45,7 +50,8 @@ notebooks: $(STAMP) ## Write notebooks/*.ipynb afresh from the MyST sources (.md
 # JupyterLab refuses a chapter whose .md is not in the form Jupytext writes once its .ipynb is
 # newer; tests/test_jupyter.py fails on such a chapter, and this rewrites it in that form.
 format: $(STAMP) ## Rewrite the chapters' .md in Jupytext's own form (metadata, spacing)
-	for chapter in $(CHAPTERS); do $(VENV)/bin/jupytext --quiet --to md:myst -o $$chapter $$chapter; done
+	for chapter in $(CHAPTERS); do $(VENV)/bin/jupytext --quiet --to ipynb -o $(BUILD)/format.ipynb $$chapter \
+		&& $(VENV)/bin/jupytext --quiet --to md:myst -o $$chapter $(BUILD)/format.ipynb; done
 
 cnnbook: $(STAMP) ## Regenerate the module cnnbook from the chapters' #@save cells
 	$(PYTHON) tools/save.py

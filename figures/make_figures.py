@@ -213,9 +213,90 @@ def resnext_forms(path: Path) -> None:
     plt.close(fig)
 
 
+def sk_convolution(path: Path) -> None:
+    """Split, fuse and select of the selective kernel convolution (Fig. 1 of Li et al., 2019).
+
+    Drawn for M = 2 paths on the first stage of SKNet-50: 128 channels, 32 groups, d = 32.
+    """
+    fig, ax = plt.subplots(figsize=(10.5, 4.6))
+    ax.set_xlim(0, 15.2)
+    ax.set_ylim(0, 6.6)
+    ax.set_axis_off()
+    ax.grid(False)
+    top, bottom, mid = 4.6, 1.6, 3.1
+
+    # Three shaded phases.
+    for x0, x1, label in ((1.2, 5.6, "Split"), (5.6, 10.35, "Fuse"), (10.35, 15.1, "Select")):
+        ax.add_patch(plt.Rectangle((x0, 0.25), x1 - x0 - 0.1, 5.9, facecolor="#F6F6F6",
+                                   edgecolor="none", zorder=0))
+        ax.text((x0 + x1) / 2, 6.35, label, ha="center", va="center", fontsize=11,
+                weight="bold")
+
+    def plus(x: float, y: float, sign: str = "+") -> None:
+        ax.add_patch(plt.Circle((x, y), 0.22, facecolor="white", edgecolor="#333333",
+                                linewidth=1.2, zorder=3))
+        ax.text(x, y, sign, ha="center", va="center", fontsize=11, zorder=4)
+
+    # Input and the two paths.
+    ax.text(0.55, mid, "X\n128 x H x W", ha="center", va="center", fontsize=9)
+    ax.plot([1.1, 1.45, 1.45], [mid, mid, top], color="#333333", linewidth=1.2)
+    ax.plot([1.45, 1.45], [mid, bottom], color="#333333", linewidth=1.2)
+    arrow(ax, (1.45, top), (1.75, top))
+    arrow(ax, (1.45, bottom), (1.75, bottom))
+    box(ax, 3.3, top, 3.1, 0.9, "3x3 conv, 32 groups\nBN, ReLU", edge=PALETTE[0], size=8.5)
+    box(ax, 3.3, bottom, 3.1, 0.9, "3x3 conv, dilation 2 (5x5 field)\n32 groups, BN, ReLU",
+        edge=PALETTE[1], size=8)
+    ax.text(5.05, top + 0.3, "U1", ha="left", va="bottom", fontsize=9, color=PALETTE[0])
+    ax.text(5.05, bottom - 0.3, "U2", ha="left", va="top", fontsize=9, color=PALETTE[1])
+
+    # Fuse: sum, pool, fc.
+    arrow(ax, (4.85, top), (6.0, top))
+    arrow(ax, (4.85, bottom), (6.0, bottom))
+    ax.plot([6.0, 6.2, 6.2], [top, top, mid + 0.22], color="#333333", linewidth=1.2)
+    ax.plot([6.0, 6.2, 6.2], [bottom, bottom, mid - 0.22], color="#333333", linewidth=1.2)
+    plus(6.2, mid)
+    ax.text(6.35, mid + 0.2, "U", ha="left", va="bottom", fontsize=9)
+    arrow(ax, (6.42, mid), (6.75, mid))
+    box(ax, 7.45, mid, 1.3, 0.9, "global\navg pool", size=8.5)
+    ax.text(7.45, mid - 0.6, "s: 128", ha="center", va="top", fontsize=8, color="#444444")
+    arrow(ax, (8.1, mid), (8.45, mid))
+    box(ax, 9.3, mid, 1.55, 0.9, "fc 128 -> 32\nBN, ReLU", size=8.5)
+    ax.text(9.3, mid - 0.6, "z: d = 32", ha="center", va="top", fontsize=8, color="#444444")
+
+    # Select: two fc heads, softmax across paths, weighted sum.
+    arrow(ax, (10.08, mid), (10.55, mid))
+    box(ax, 11.35, mid, 1.5, 1.5, "fc 32 -> 2 x 128\nsoftmax\nacross paths\n(per channel)",
+        edge=PLUG, size=8)
+    ax.plot([11.35, 11.35], [mid + 0.75, top], color="#333333", linewidth=1.2)
+    ax.plot([11.35, 11.35], [mid - 0.75, bottom], color="#333333", linewidth=1.2)
+    ax.text(11.5, top + 0.12, "a", ha="left", va="bottom", fontsize=9, color=PALETTE[0])
+    ax.text(11.5, bottom - 0.12, "b = 1 - a", ha="left", va="top", fontsize=9,
+            color=PALETTE[1])
+    # U1 and U2 travel along the top and bottom to their products.
+    ax.plot([6.0, 6.0], [top, 5.55], color=PALETTE[0], linewidth=1.0, linestyle="--")
+    ax.plot([6.0, 12.6, 12.6], [5.55, 5.55, top + 0.22], color=PALETTE[0], linewidth=1.0,
+            linestyle="--")
+    ax.plot([6.0, 6.0], [bottom, 0.65], color=PALETTE[1], linewidth=1.0, linestyle="--")
+    ax.plot([6.0, 12.6, 12.6], [0.65, 0.65, bottom - 0.22], color=PALETTE[1], linewidth=1.0,
+            linestyle="--")
+    plus(12.6, top, "x")
+    plus(12.6, bottom, "x")
+    arrow(ax, (11.35, top), (12.38, top))
+    arrow(ax, (11.35, bottom), (12.38, bottom))
+    ax.plot([12.82, 13.4, 13.4], [top, top, mid + 0.22], color="#333333", linewidth=1.2)
+    ax.plot([12.82, 13.4, 13.4], [bottom, bottom, mid - 0.22], color="#333333", linewidth=1.2)
+    plus(13.4, mid)
+    arrow(ax, (13.62, mid), (13.95, mid))
+    ax.text(14.55, mid, "V\n128 x H x W", ha="center", va="center", fontsize=9)
+
+    fig.savefig(path, metadata={"Date": None})
+    plt.close(fig)
+
+
 def main() -> None:
     resnet_skeleton(HERE / "resnet_skeleton.svg")
     resnext_forms(HERE / "resnext_forms.svg")
+    sk_convolution(HERE / "sk_convolution.svg")
 
 
 if __name__ == "__main__":

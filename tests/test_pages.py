@@ -54,6 +54,9 @@ SEARCH_TERMS = {
     "bottleneck": "notebooks/basics.html",
     "receptive field": "notebooks/basics.html",
     "precise bn": "notebooks/batch_norm.html",
+    "excitation": "notebooks/senet.html",
+    "syncbatchnorm": "notebooks/scaling.html",
+    "selective kernel": "notebooks/sknet.html",
     "notation": "book/notation.html",
     "choosing a block": "notebooks/comparison.html",
 }
@@ -125,7 +128,7 @@ COLLECT = """
   const wide = [];
   for (const block of article.querySelectorAll('div.cell pre, div.cell table, div.highlight pre')) {
     if (block.scrollWidth > block.clientWidth + 1) {
-      const longest = block.textContent.split('\n').reduce((a, b) => (b.length > a.length ? b : a), '');
+      const longest = block.textContent.split('\\n').reduce((a, b) => (b.length > a.length ? b : a), '');
       wide.push(`${block.scrollWidth} > ${block.clientWidth} px: ${longest.trim().slice(0, 90)}`);
     }
   }

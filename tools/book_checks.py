@@ -19,13 +19,18 @@ It also fixes two things readers would otherwise meet:
   ``const THEBE_JS_URL`` is a JavaScript error in the reader's console;
 - a downloaded ``.ipynb`` without outputs: when myst-nb 1.4 takes a chapter's outputs from its
   execution cache, it renders them on the page but writes the chapter's notebook (the one the
-  download button offers) without them; the outputs are merged back in from the cache.
+  download button offers) without them; the outputs are merged back in from the cache;
+- no ``.ipynb`` in the download menu: sphinx-book-theme copies a MyST chapter's executed
+  notebook next to its sources only when a launch button is configured, and the book has none
+  (the chapters' notebooks are not committed, so Binder and Colab would find nothing); the
+  copy is made here instead.
 
 Listed in ``_config.yml`` under ``sphinx.local_extensions``.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +167,24 @@ def restore_cached_outputs(app: Sphinx, doctree: nodes.document) -> None:
     nbformat.write(notebook, path)
 
 
+def offer_ipynb_download(app: Sphinx, pagename: str, templatename: str,
+                         context: dict[str, Any], doctree: Any) -> None:
+    """Put a chapter's executed notebook in ``_sources`` and in the download menu."""
+    if "kernelspec" not in app.env.metadata.get(pagename, {}):
+        return
+    executed = Path(app.outdir).parent / "jupyter_execute" / f"{pagename}.ipynb"
+    if not executed.is_file():
+        return
+    target = Path(app.outdir) / "_sources" / f"{pagename}.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(executed, target)
+    context["ipynb_source"] = f"{pagename}.ipynb"
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("doctree-read", restore_cached_outputs)
     app.connect("env-check-consistency", check_book)
     app.connect("html-page-context", drop_duplicate_scripts, priority=900)
+    # Before sphinx-book-theme builds its header buttons (priority 501).
+    app.connect("html-page-context", offer_ipynb_download, priority=450)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
