@@ -148,9 +148,15 @@ def device_name(device: torch.device) -> str:
 
 
 def profile_pair(
-    book: nn.Module, reference: nn.Module, x: torch.Tensor, top: int = 12
+    book: nn.Module, reference: nn.Module, x: torch.Tensor, steps: int = 3, top: int = 10
 ) -> None:
-    """Print the operators whose self time differs most between the two models."""
+    """Print where the two models' training steps differ, operator by operator.
+
+    The two are profiled in alternation, one step each in turn, so a slow spell of the
+    machine falls on both. Operators called a different number of times are structural
+    differences (the book does other or more work) and come first; then the operators
+    whose self time differs most.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     # Kineto, the profiler's engine, logs its start and stop to stderr; above 5 it is silent.
@@ -158,36 +164,40 @@ def profile_pair(
     activities = [ProfilerActivity.CPU]
     if x.is_cuda:
         activities.append(ProfilerActivity.CUDA)
-
-    def self_times(model: nn.Module) -> dict[str, tuple[float, int]]:
+    # Operators only (events on the CPU side); on a GPU, the time of their kernels.
+    attr = "self_device_time_total" if x.is_cuda else "self_cpu_time_total"
+    totals: list[dict[str, list[float]]] = [{}, {}]
+    for model in (book, reference):
         model(x).sum().backward()  # warm up outside the profile
-        with profile(activities=activities) as prof:
-            for _ in range(3):
+    for _ in range(steps):
+        for model, total in zip((book, reference), totals):
+            with profile(activities=activities) as prof:
                 model(x).sum().backward()
-            if x.is_cuda:
-                torch.cuda.synchronize()
-        # Operators only (events on the CPU side); on a GPU, the time of their kernels.
-        attr = "self_device_time_total" if x.is_cuda else "self_cpu_time_total"
-        return {
-            e.key: (getattr(e, attr) / 3e3, e.count // 3)
-            for e in prof.key_averages()
-            if e.device_type == DeviceType.CPU
-        }
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+            for e in prof.key_averages():
+                if e.device_type == DeviceType.CPU:
+                    time_count = total.setdefault(e.key, [0.0, 0])
+                    time_count[0] += getattr(e, attr) / steps / 1e3  # ms per step
+                    time_count[1] += e.count
+    ours, theirs = totals
+    zero = [0.0, 0]
 
-    ours, theirs = self_times(book), self_times(reference)
-    keys = set(ours) | set(theirs)
-    diff = sorted(
-        keys,
-        key=lambda k: ours.get(k, (0, 0))[0] - theirs.get(k, (0, 0))[0],
-        reverse=True,
-    )
-    print(f"    {'operator (self time per step)':40s} {'book':>14s} {'reference':>14s}")
-    for key in diff[:top]:
-        (t_ours, n_ours), (t_ref, n_ref) = ours.get(key, (0, 0)), theirs.get(key, (0, 0))
-        print(f"    {key[:40]:40s} {t_ours:8.2f} ms {n_ours:3d} {t_ref:8.2f} ms {n_ref:3d}")
+    def differs(key: str) -> bool:
+        return ours.get(key, zero)[1] != theirs.get(key, zero)[1]
+
+    def gap(key: str) -> float:
+        return ours.get(key, zero)[0] - theirs.get(key, zero)[0]
+
+    keys = sorted(set(ours) | set(theirs), key=lambda k: (not differs(k), -gap(k)))
+    print(f"    {'operator':44s} {'book ms':>8s} {'calls':>5s} {'ref. ms':>8s} {'calls':>5s}")
+    for key in keys[:top]:
+        (t_ours, n_ours), (t_ref, n_ref) = ours.get(key, zero), theirs.get(key, zero)
+        print(f"    {key[:44]:44s} {t_ours:8.2f} {n_ours // steps:5d} {t_ref:8.2f} "
+              f"{n_ref // steps:5d}")
     total_ours = sum(t for t, _ in ours.values())
     total_ref = sum(t for t, _ in theirs.values())
-    print(f"    {'total':40s} {total_ours:8.2f} ms     {total_ref:8.2f} ms")
+    print(f"    {'all operators, per step':44s} {total_ours:8.2f} {'':5s} {total_ref:8.2f}")
 
 
 def bench_device(args: argparse.Namespace, device: torch.device) -> Path:
@@ -236,7 +246,7 @@ def bench_device(args: argparse.Namespace, device: torch.device) -> Path:
                 reference_params=reference_params,
             )
             rows.append(row)
-            flag = "  <- slower" if ratio > args.profile_above else ""
+            flag = f"  <- above {args.profile_above}" if ratio > args.profile_above else ""
             print(f"  {network:15s} {setting:18s} book {row['book_ms']:>8s} ms, "
                   f"{reference_name} {row['reference_ms']:>8s} ms, "
                   f"ratio {ratio:.3f}{flag}")
