@@ -213,10 +213,7 @@ def bench_device(args: argparse.Namespace, device: torch.device) -> Path:
     for network, (builder_name, reference_name, build_reference) in PAIRS.items():
         if args.only and network not in args.only:
             continue
-        builder = getattr(cnnbook, builder_name, None)
-        if builder is None:  # TODO(comparison): remove once the chapters are merged
-            print(f"  {network}: cnnbook has no {builder_name}() yet, skipped")
-            continue
+        builder = getattr(cnnbook, builder_name)
         torch.manual_seed(0)
         book = builder().to(device)
         reference = build_reference().to(device)
@@ -280,7 +277,8 @@ def write_table(
         "The CNN Blocks Book: forward+backward time in training mode, the book's network "
         "against the reference library's (ratio = book / reference; below 1: the book is "
         "faster)",
-        f"device: {device_name(device)}",
+        f"device: {device_name(device)}; load average {os.getloadavg()[0]:.1f} at the end, "
+        f"on {os.cpu_count()} cores (higher: other programs shared the machine)",
         f"date: {datetime.date.today().isoformat()}",
         f"versions: torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"timm {timm.__version__}, Python {platform.python_version()}",
