@@ -57,6 +57,8 @@ SEARCH_TERMS = {
     "excitation": "notebooks/senet.html",
     "syncbatchnorm": "notebooks/scaling.html",
     "selective kernel": "notebooks/sknet.html",
+    "split attention": "notebooks/resnest.html",
+    "spatial attention": "notebooks/cbam.html",
     "notation": "book/notation.html",
     "choosing a block": "notebooks/comparison.html",
 }

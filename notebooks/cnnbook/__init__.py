@@ -1078,6 +1078,543 @@ def sknet50(
     )
 
 
+# -------------------- notebooks/resnest.md --------------------
+
+
+class RSoftmax(nn.Module):
+    """The weights of split attention, Eq. (eq-resnest-attention).
+
+    A softmax across the ``radix`` splits of every channel of every cardinal group
+    (Zhang et al., 2022), or a sigmoid when ``radix`` is 1. The logits arrive
+    cardinal-major, ``(k, r, c)``, as a 1x1 convolution with ``groups`` groups
+    writes them; the weights leave radix-major, ``(r, k, c)``, the order of the
+    splits that :class:`SplitAttention` computes.
+
+    Args:
+        radix: splits per cardinal group, ``R``.
+        groups: cardinal groups, ``K``.
+
+    Shapes: ``(B, R * C, 1, 1)`` -> ``(B, R * C, 1, 1)``.
+    """
+
+    def __init__(self, radix: int, groups: int) -> None:
+        super().__init__()
+        check_positive(radix=radix, groups=groups)
+        self.radix = radix
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, R * C, 1, 1) logits, cardinal-major -> weights, radix-major."""
+        if self.radix == 1:
+            return torch.sigmoid(x)  # Eq. (eq-resnest-attention), R = 1
+        batch = x.shape[0]
+        x = x.reshape(batch, self.groups, self.radix, -1)  # (B, K, R, C / K)
+        x = x.transpose(1, 2)  # (B, R, K, C / K)
+        x = torch.softmax(x, dim=1)  # Eq. (eq-resnest-attention)
+        return x.reshape(batch, -1, 1, 1)
+
+
+class SplitAttention(nn.Module):
+    """Split attention (Zhang et al., 2022): splits weighted by their attention.
+
+    Eqs. (eq-resnest-splits) to (eq-resnest-fuse). One convolution with ``groups *
+    radix`` groups computes the ``radix`` splits of every cardinal group,
+    radix-major, followed by BN and the activation. Each cardinal group pools the
+    sum of its splits; two 1x1 convolutions with ``groups`` groups (one small MLP
+    per cardinal group) and :class:`RSoftmax` give a weight per split and channel,
+    and the output is the weighted sum of the splits.
+
+    Args:
+        in_channels: input channels; ``groups * radix`` must divide them.
+        channels: output channels ``C``; ``groups`` must divide them.
+        kernel_size: of the convolution that computes the splits (odd).
+        stride: of that convolution.
+        groups: cardinal groups ``K``.
+        radix: splits per cardinal group ``R`` (1: a sigmoid gate on every group).
+        reduction: the attention's hidden width is ``in_channels * radix //
+            reduction``...
+        min_channels: ...but at least ``min_channels``.
+        norm_layer: normalisation taking the number of channels.
+        act_layer: activation class, built with :func:`create_act`.
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(B, channels, H / stride, W / stride)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        radix: int = 2,
+        reduction: int = 4,
+        min_channels: int = 32,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        check_positive(
+            in_channels=in_channels,
+            channels=channels,
+            kernel_size=kernel_size,
+            stride=stride,
+            groups=groups,
+            radix=radix,
+            reduction=reduction,
+            min_channels=min_channels,
+        )
+        check_groups(groups, channels=channels)
+        if in_channels % (groups * radix):
+            raise ValueError(
+                f"groups * radix must divide in_channels, got "
+                f"groups={groups}, radix={radix} and "
+                f"in_channels={in_channels}"
+            )
+        hidden = max(in_channels * radix // reduction, min_channels)
+        if hidden % groups:
+            raise ValueError(
+                f"groups must divide the hidden width "
+                f"max(in_channels * radix // reduction, min_channels) "
+                f"= {hidden}, got groups={groups}"
+            )
+        self.radix = radix
+        self.conv = nn.Conv2d(
+            in_channels,
+            channels * radix,
+            kernel_size,
+            stride,
+            padding=kernel_size // 2,
+            groups=groups * radix,
+            bias=False,
+        )
+        self.bn0 = norm_layer(channels * radix)
+        self.act0 = create_act(act_layer)
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, groups=groups)
+        self.bn1 = norm_layer(hidden)
+        self.act1 = create_act(act_layer)
+        self.fc2 = nn.Conv2d(hidden, channels * radix, kernel_size=1, groups=groups)
+        self.rsoftmax = RSoftmax(radix, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) -> (B, channels, H / stride, W / stride)."""
+        x = self.conv(x)  # K R splits, radix-major: Eq. (eq-resnest-splits)
+        x = self.bn0(x)
+        x = self.act0(x)
+        batch, channels = x.shape[0], x.shape[1] // self.radix
+        splits = x.reshape(batch, self.radix, channels, *x.shape[2:])  # (B,R,C,H,W)
+        x_gap = splits.sum(dim=1)  # Eq. (eq-resnest-gap): U hat
+        x_gap = x_gap.mean(dim=(2, 3), keepdim=True)  # s: (B, C, 1, 1)
+        x_gap = self.fc1(x_gap)
+        x_gap = self.bn1(x_gap)
+        x_gap = self.act1(x_gap)
+        x_attn = self.fc2(x_gap)  # (B, R C, 1, 1), by group
+        x_attn = self.rsoftmax(x_attn)  # radix-major weights
+        x_attn = x_attn.reshape(batch, self.radix, channels, 1, 1)
+        return (splits * x_attn).sum(dim=1)  # Eq. (eq-resnest-fuse): V
+
+
+class ResNeStBottleneck(Bottleneck):
+    """The ResNeSt bottleneck (Zhang et al., 2022): Bottleneck with split attention.
+
+    1x1 conv -> BN -> act -> SplitAttention (with its own BN and act) -> 1x1 conv ->
+    BN -> [attn] -> + shortcut -> act. In a block with ``stride > 1`` and ``avd``,
+    the split attention keeps stride 1 and a 3x3 average pool with the stride
+    follows it, or precedes it with ``avd_first`` (the paper's "fast" variant).
+
+    Args:
+        in_channels, channels, stride, downsample, groups, base_width, norm_layer,
+            act_layer, attn_layer: as :class:`Bottleneck`; ``groups`` is the
+            cardinality K, and the split attention has the bottleneck's width
+            ``int(channels * base_width / 64) * groups``.
+        radix: splits per cardinal group R.
+        avd: move the stride from the convolution to a 3x3 average pool.
+        avd_first: put that pool before the split attention rather than after it.
+        reduction: sets the attention's hidden width (see :class:`SplitAttention`).
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(B, 4 channels, H / stride, W /
+    stride)``.
+    """
+
+    expansion: int = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        radix: int = 2,
+        avd: bool = True,
+        avd_first: bool = False,
+        reduction: int = 4,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        attn_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            channels,
+            stride,
+            downsample,
+            groups=groups,
+            base_width=base_width,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            attn_layer=attn_layer,
+        )
+        width = self.conv2.in_channels
+        pool_stride = stride if avd and stride > 1 else 1
+        pool = (
+            nn.AvgPool2d(3, pool_stride, padding=1)
+            if pool_stride > 1
+            else nn.Identity()
+        )
+        # Replacing conv2 keeps its place in the state dict; bn2, act2 move inside.
+        self.conv2 = SplitAttention(
+            width,
+            width,
+            stride=stride // pool_stride,
+            groups=groups,
+            radix=radix,
+            reduction=reduction,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+        )
+        del self.bn2, self.act2
+        self.avd_first = pool if avd_first else nn.Identity()
+        self.avd_last = nn.Identity() if avd_first else pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) -> (B, channels * 4, H / stride, W / stride)."""
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.act1(out)
+        out = self.avd_first(out)
+        out = self.conv2(out)  # Eqs. (eq-resnest-splits) to (eq-resnest-fuse)
+        out = self.avd_last(out)
+        out = self.conv3(out)
+        out = self.bn3(out)
+        out = self.attn(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out = out + identity  # Eq. (eq-resnest-fuse): Y = T(X) + BN(W_3 V)
+        return self.act3(out)
+
+
+class DeepStem(nn.Sequential):
+    """The stem of ResNet-C (He et al., 2019), used by ResNeSt: three 3x3 convs.
+
+    3x3 conv, stride 2 -> BN -> act -> 3x3 conv -> BN -> act -> 3x3 conv -> BN ->
+    act -> 3x3 max pool, stride 2. The first two convolutions have ``stem_width``
+    channels (``out_channels // 2`` unless given: 32 for ResNeSt-50).
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, H / 4, W / 4)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 64,
+        stem_width: int | None = None,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+    ) -> None:
+        stem_width = out_channels // 2 if stem_width is None else stem_width
+        check_positive(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            stem_width=stem_width,
+        )
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, stem_width, stride=2)
+        self.bn1 = norm_layer(stem_width)
+        self.act1 = create_act(act_layer)
+        self.conv2 = conv3x3(stem_width, stem_width)
+        self.bn2 = norm_layer(stem_width)
+        self.act2 = create_act(act_layer)
+        self.conv3 = conv3x3(stem_width, out_channels)
+        self.bn3 = norm_layer(out_channels)
+        self.act3 = create_act(act_layer)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+
+def avg_pool_shortcut(
+    in_channels: int,
+    out_channels: int,
+    stride: int,
+    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+) -> nn.Module:
+    """The projection shortcut of ResNet-D (He et al., 2019), used by ResNeSt.
+
+    ``stride`` x ``stride`` average pool (where ``stride > 1``), then 1x1 conv and
+    BN. With ``ceil_mode`` an odd map keeps its last row and column, as the block's
+    padded 3x3 does; ``count_include_pad=False`` averages them over the pixels that
+    exist.
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, ceil(H / stride),
+    ceil(W / stride))``.
+    """
+    check_positive(
+        in_channels=in_channels, out_channels=out_channels, stride=stride
+    )
+    pool = (
+        nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+        if stride > 1
+        else nn.Identity()
+    )
+    conv = conv1x1(in_channels, out_channels)
+    return nn.Sequential(pool, conv, norm_layer(out_channels))
+
+
+def resnest50(
+    num_classes: int = 1000,
+    block_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> ResNet:
+    """ResNeSt-50 (Zhang et al., 2022), as timm's ``resnest50d``.
+
+    ResNet-D-50 (the deep stem, average-pooled shortcuts) whose blocks are
+    :class:`ResNeStBottleneck` with radix 2 and one cardinal group of width 64
+    ("2s1x64d"), the stride of strided blocks in an average pool after the split
+    attention.
+
+    Args:
+        num_classes: outputs of the classifier.
+        block_kwargs: block arguments that replace or add to ``radix=2, groups=1,
+            base_width=64`` (``avd_first=True`` gives the paper's "fast" variant).
+        **kwargs: passed to :class:`ResNet` (``zero_init_residual``...).
+    """
+    defaults = {"radix": 2, "groups": 1, "base_width": 64}
+    block_kwargs = {**defaults, **(block_kwargs or {})}
+    return ResNet(
+        ResNeStBottleneck,
+        [3, 4, 6, 3],
+        num_classes=num_classes,
+        block_kwargs=block_kwargs,
+        stem_layer=DeepStem,
+        downsample_layer=avg_pool_shortcut,
+        **kwargs,
+    )
+
+
+# -------------------- notebooks/cbam.md --------------------
+
+
+CHANNEL_POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "avg": lambda x: x.mean(dim=(2, 3)),  # F^c_avg: (B, C, H, W) -> (B, C)
+    "max": lambda x: x.amax(dim=(2, 3)),  # F^c_max
+}
+
+
+class ChannelAttention(nn.Module):
+    """CBAM's channel attention, Eq. (eq-cbam-channel) as (eq-cbam-stacked).
+
+    Pools every channel over all positions (mean, max, or both), runs the pooled
+    vectors through one shared MLP ``C -> C // reduction -> C``, sums, and gates:
+    ``x * M_c(x)``.
+    With ``pools=("avg",)`` this is SE's excitation.
+
+    Args:
+        channels: channels ``C`` of the input.
+        reduction: ratio ``r`` of the MLP's bottleneck; needs
+            ``channels // reduction >= 1``.
+        act_layer: activation of the hidden layer.
+        gate_layer: the gate (sigmoid).
+        pools: descriptors to pool, distinct names from ``("avg", "max")``.
+        bias: biases in the MLP (the authors' code has them, the paper's equation
+            not).
+
+    Shapes: ``(B, C, H, W)`` -> ``(B, C, H, W)``; :meth:`attention_map` gives
+    ``(B, C, 1, 1)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        gate_layer: Callable[..., nn.Module] = nn.Sigmoid,
+        pools: Sequence[str] = ("avg", "max"),
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        check_positive(channels=channels, reduction=reduction)
+        hidden = channels // reduction
+        if hidden < 1:
+            raise ValueError(
+                f"channels // reduction must be at least 1, got "
+                f"channels={channels}, reduction={reduction}"
+            )
+        pools = tuple(pools)
+        if (
+            not pools
+            or len(set(pools)) != len(pools)
+            or not set(pools) <= {"avg", "max"}
+        ):
+            raise ValueError(
+                f"pools must be distinct names of 'avg', 'max', got pools={pools!r}"
+            )
+        self.pools = pools
+        self.fc1 = nn.Linear(channels, hidden, bias=bias)  # W_0, b_0
+        self.act = create_act(act_layer)
+        self.fc2 = nn.Linear(hidden, channels, bias=bias)  # W_1, b_1
+        self.gate = create_act(gate_layer)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """As the authors' code: PyTorch's default MLP weights, zero biases."""
+        for fc in (self.fc1, self.fc2):
+            fc.reset_parameters()
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """M_c(x): (B, C, H, W) -> (B, C, 1, 1), in (0, 1) for a sigmoid gate."""
+        batch, channels = x.shape[:2]
+        x_pool = torch.cat([CHANNEL_POOLS[p](x) for p in self.pools])  # (P * B, C)
+        x_attn = self.fc1(x_pool)
+        x_attn = self.act(x_attn)
+        x_attn = self.fc2(x_attn)  # one MLP call
+        x_attn = x_attn.view(len(self.pools), batch, channels).sum(
+            dim=0
+        )  # Z_avg + Z_max
+        return self.gate(x_attn).view(batch, channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W): Eq. (eq-cbam-sequence), first line."""
+        return x * self.attention_map(x)
+
+
+class SpatialAttention(nn.Module):
+    """CBAM's spatial attention, Eq. (eq-cbam-spatial): ``x * M_s(x)``.
+
+    Pools every position over the channels (mean and max, in this order), convolves
+    the two maps with one ``kernel_size x kernel_size`` filter ('same' padding),
+    normalises and gates.
+
+    Args:
+        kernel_size: odd size ``k`` of the filter (7; 3 in the paper's ablation).
+        norm_layer: normalisation of the one-channel map (BN in the authors' code
+            and timm); ``None`` for the paper's equation, with a conv bias instead.
+        gate_layer: the gate (sigmoid).
+
+    Shapes: ``(B, C, H, W)`` -> ``(B, C, H, W)``; :meth:`attention_map` gives
+    ``(B, 1, H, W)``.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 7,
+        norm_layer: Callable[[int], nn.Module] | None = nn.BatchNorm2d,
+        gate_layer: Callable[..., nn.Module] = nn.Sigmoid,
+    ) -> None:
+        super().__init__()
+        check_positive(kernel_size=kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size must be odd (same padding), "
+                f"got kernel_size={kernel_size}"
+            )
+        self.conv = nn.Conv2d(
+            2, 1, kernel_size, padding=kernel_size // 2, bias=norm_layer is None
+        )
+        self.bn = norm_layer(1) if norm_layer is not None else nn.Identity()
+        self.gate = create_act(gate_layer)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """As the authors' code: Kaiming normal filter, BN scale zero.
+
+        The gate starts at sigmoid(0) = 1/2 everywhere and learns where to differ.
+        """
+        nn.init.kaiming_normal_(
+            self.conv.weight, mode="fan_out", nonlinearity="relu"
+        )
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+        if isinstance(self.bn, nn.modules.batchnorm._NormBase) and self.bn.affine:
+            nn.init.zeros_(self.bn.weight)
+            nn.init.zeros_(self.bn.bias)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """M_s(x): (B, C, H, W) -> (B, 1, H, W), in (0, 1) for a sigmoid gate."""
+        x_avg = x.mean(dim=1, keepdim=True)  # F^s_avg
+        x_max = x.amax(dim=1, keepdim=True)  # F^s_max
+        x_attn = torch.cat([x_avg, x_max], dim=1)  # (B, 2, H, W)
+        x_attn = self.conv(x_attn)
+        x_attn = self.bn(x_attn)
+        return self.gate(x_attn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W): Eq. (eq-cbam-sequence), second line."""
+        return x * self.attention_map(x)
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al., 2018): channel attention,
+    spatial attention on its output, Eq. (eq-cbam-sequence).
+
+    Args:
+        channels: channels ``C`` of the input.
+        reduction: ratio ``r`` of the channel MLP; ``channels // reduction >= 1``.
+        kernel_size: odd size of the spatial filter.
+        act_layer: activation of the channel MLP's hidden layer.
+        gate_layer: the gate of both maps (sigmoid).
+        norm_layer: normalisation of the spatial map (BN; ``None``: a conv bias).
+        bias: biases in the channel MLP.
+
+    Shapes: ``(B, C, H, W)`` -> ``(B, C, H, W)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        kernel_size: int = 7,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        gate_layer: Callable[..., nn.Module] = nn.Sigmoid,
+        norm_layer: Callable[[int], nn.Module] | None = nn.BatchNorm2d,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.channel = ChannelAttention(
+            channels, reduction, act_layer, gate_layer, bias=bias
+        )
+        self.spatial = SpatialAttention(kernel_size, norm_layer, gate_layer)
+
+    def init_weights(self) -> None:
+        """Each part initialises itself (see their ``init_weights``)."""
+        self.channel.init_weights()
+        self.spatial.init_weights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        x = self.channel(x)  # F' = M_c(F) * F
+        return self.spatial(x)  # F'' = M_s(F') * F'
+
+
+def cbam_resnet50(
+    num_classes: int = 1000,
+    reduction: int = 16,
+    kernel_size: int = 7,
+    **kwargs: Any,
+) -> ResNet:
+    """CBAM-ResNet-50 (Woo et al., 2018): ResNet-50 with a :class:`CBAM` on the
+    branch of every bottleneck, after the last BN and before the addition.
+
+    Args:
+        num_classes: outputs of the classifier.
+        reduction, kernel_size: of every CBAM.
+        **kwargs: passed to :class:`ResNet` through ``resnet50``.
+    """
+    attn_layer = partial(CBAM, reduction=reduction, kernel_size=kernel_size)
+    return resnet50(num_classes, block_kwargs=dict(attn_layer=attn_layer), **kwargs)
+
+
 # -------------------- notebooks/scaling.md --------------------
 
 
