@@ -15,7 +15,7 @@ STYLE := notebooks/cnnbook/book.mplstyle
 
 .DEFAULT_GOAL := help
 .PHONY: help setup book test notebooks format cnnbook check-cnnbook figures lint nbval standalone \
-	browser clean
+	browser bench clean
 
 # PYTORCH=cpu installs PyTorch's CPU-only wheels (a few hundred MB) instead of the default ones,
 # which on Linux bring several GB of CUDA libraries: `make test PYTORCH=cpu`. Set it on the
@@ -102,6 +102,11 @@ browser: $(STAMP) ## Find a Chromium for the page tests, or install Playwright's
 
 test: lint check-cnnbook book browser standalone ## Lint, check the module, build strictly, run the chapters, open every page
 	$(PYTHON) -m pytest $(NBVAL) $(wildcard tests)
+
+# Timings depend on the machine and take minutes, so `make test` does not run this. The table
+# goes into the module (notebooks/cnnbook/benchmarks/), where the closing chapter reads it.
+bench: $(STAMP) ## Time the book's networks against torchvision's and timm's (CPU, and GPU if any)
+	$(PYTHON) tools/bench.py
 
 clean: ## Remove the build (with its screenshots), the generated notebooks and figures (keeps .venv)
 	rm -rf $(BUILD) $(NOTEBOOKS) $(FIGURES_STAMP) figures/*.svg .pytest_cache

@@ -60,6 +60,7 @@ SEARCH_TERMS = {
     "split attention": "notebooks/resnest.html",
     "spatial attention": "notebooks/cbam.html",
     "notation": "book/notation.html",
+    "choosing a block": "notebooks/comparison.html",
 }
 
 
