@@ -15,7 +15,7 @@ STYLE := notebooks/cnnbook/book.mplstyle
 
 .DEFAULT_GOAL := help
 .PHONY: help setup book test notebooks format cnnbook check-cnnbook figures lint nbval standalone \
-	browser bench clean
+	browser bench robust clean
 
 # PYTORCH=cpu installs PyTorch's CPU-only wheels (a few hundred MB) instead of the default ones,
 # which on Linux bring several GB of CUDA libraries: `make test PYTORCH=cpu`. Set it on the
@@ -90,9 +90,19 @@ standalone: notebooks
 		cp $$notebook $(STANDALONE)/$$(basename $$notebook .ipynb)/; done
 
 NBVAL := -p no:cacheprovider --nbval-lax --nbval-cell-timeout=120 $(STANDALONE)/*/*.ipynb
+# The book build runs the chapters with the default seed and this machine's kernels; nbval
+# runs them again under another seed and MKL's and oneDNN's portable kernels, so every run of
+# the tests checks two configurations (book/running.md, "Two kinds of check").
+NBVAL_ENV := CNNBOOK_SEED=1 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2
 
 nbval: standalone ## Run every chapter with nbval, each alone in an empty folder
-	$(PYTHON) -m pytest $(NBVAL)
+	$(NBVAL_ENV) $(PYTHON) -m pytest $(NBVAL)
+
+# Not part of `make test`: the whole matrix takes about half an hour on two cores.
+# CHAPTERS_ROBUST=senet and CONFIGS=seed-1 narrow it down.
+robust: $(STAMP) ## Run every chapter under seeds 0-4, one thread and other CPU kernels
+	$(PYTHON) tools/robust.py --report $(BUILD)/robust.txt \
+		$(if $(CHAPTERS_ROBUST),--chapters $(CHAPTERS_ROBUST)) $(if $(CONFIGS),--configs $(CONFIGS))
 
 # tests/test_pages.py drives a Chromium: the system's when there is one (CI installs Debian's
 # `chromium`), else Playwright's own, downloaded once into ~/.cache/ms-playwright.
@@ -101,7 +111,7 @@ browser: $(STAMP) ## Find a Chromium for the page tests, or install Playwright's
 		$(PYTHON) -m playwright install chromium; }
 
 test: lint check-cnnbook book browser standalone ## Lint, check the module, build strictly, run the chapters, open every page
-	$(PYTHON) -m pytest $(NBVAL) $(wildcard tests)
+	$(NBVAL_ENV) $(PYTHON) -m pytest $(NBVAL) $(wildcard tests)
 
 # Timings depend on the machine and take minutes, so `make test` does not run this. The table
 # goes into the module (notebooks/cnnbook/benchmarks/), where the closing chapter reads it.

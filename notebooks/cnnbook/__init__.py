@@ -8,14 +8,16 @@ chapter it comes from.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import itertools
 import logging
+import os
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -26,11 +28,24 @@ from torch.utils.flop_counter import FlopCounterMode
 # -------------------- notebooks/basics.md --------------------
 
 
-def seed_everything(seed: int = 0) -> None:
-    """Seed Python, NumPy and PyTorch (every device): a chapter runs the same."""
+def book_seed() -> int:
+    """The book's seed: the variable ``CNNBOOK_SEED``, 0 when it is unset."""
+    return int(os.environ.get("CNNBOOK_SEED", "0"))
+
+
+def seed_everything(seed: int | None = None) -> int:
+    """Seed Python, NumPy and PyTorch on every device; return the seed.
+
+    ``None`` takes :func:`book_seed`, so ``CNNBOOK_SEED=3`` runs a chapter under
+    another seed without editing it. A seed repeats a run on the same hardware and
+    PyTorch build; other CPU kernels or a GPU add in another order, and a trained
+    result then differs a little (see :ref:`page-running-checks`).
+    """
+    seed = book_seed() if seed is None else seed
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    return seed
 
 
 def use_book_style() -> None:
@@ -219,6 +234,30 @@ FIRST_BLOCKS = {
     "layer3": (512, 256, 2, 28),
     "layer4": (1024, 512, 2, 14),
 }
+
+
+class BottleneckV1(Bottleneck):
+    """The bottleneck of He et al. (2016), "v1": the stride on the first 1x1 conv.
+
+    Arguments and shapes as :class:`Bottleneck`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            in_channels, channels, stride, downsample, groups, base_width, **kwargs
+        )
+        width = self.conv2.in_channels
+        self.conv1 = conv1x1(in_channels, width, stride)  # the stride comes here...
+        self.conv2 = conv3x3(width, width, 1, groups)  # ...from the 3x3
 
 
 class ResNetStem(nn.Sequential):
@@ -490,6 +529,23 @@ def copy_weights(source: nn.Module, target: nn.Module) -> None:
     target.load_state_dict(new_state)
 
 
+@torch.no_grad()
+def randomize_batch_norms(module: nn.Module) -> nn.Module:
+    """Give every BN of ``module`` random scales, shifts and running statistics.
+
+    A fresh BN computes the identity in evaluation mode (and a zero-initialised
+    last BN outputs zero), so two networks can agree while a tensor sits in the
+    wrong place; random values make such a mistake show. Returns ``module``.
+    """
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    return module
+
+
 def assert_finite_gradients(module: nn.Module) -> None:
     """Assert that every parameter of ``module`` received a finite gradient."""
     for name, parameter in module.named_parameters():
@@ -500,18 +556,58 @@ def assert_finite_gradients(module: nn.Module) -> None:
             )
 
 
+class Ratio(NamedTuple):
+    """A time ratio measured over rounds: its median, interquartile range, count."""
+
+    median: float
+    iqr: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f} (IQR {self.iqr:.2f}, n={self.n})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings(Mapping[str, float]):
+    """Seconds per forward+backward pass of each model, one value per round.
+
+    As a mapping, ``timings[name]`` is a model's median; :meth:`ratio` compares two
+    models round by round, so a slow spell of a busy machine, which falls on both
+    alike, cancels.
+    """
+
+    rounds: dict[str, list[float]]
+    num_threads: int
+
+    def __getitem__(self, name: str) -> float:
+        return float(np.median(self.rounds[name]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rounds)
+
+    def __len__(self) -> int:
+        return len(self.rounds)
+
+    def ratio(self, name: str, baseline: str) -> Ratio:
+        """Time of ``name`` over that of ``baseline``: median and IQR of rounds."""
+        ratios = np.divide(self.rounds[name], self.rounds[baseline])
+        q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+        return Ratio(float(median), float(q3 - q1), len(ratios))
+
+
 def time_forward_backward(
     models: dict[str, nn.Module],
     x: torch.Tensor,
     min_run_time: float = 1.0,
     rounds: int = 5,
-) -> dict[str, float]:
-    """Median seconds of one forward and backward pass of each model, interleaved.
+    num_threads: int | None = None,
+) -> Timings:
+    """Time one forward and backward pass of each model, interleaved over rounds.
 
     In each of ``rounds`` rounds every model is timed in turn for ``min_run_time /
-    rounds`` seconds, so a slow spell of a busy machine falls on all of them alike;
-    a model's time is the median of all its measurements. Use the ratios: absolute
-    times depend on the machine.
+    rounds`` seconds on ``num_threads`` CPU threads (``None``: all that PyTorch
+    uses, ``torch.get_num_threads()``; ``torch.utils.benchmark`` alone would use
+    one). Use the ratios: absolute times depend on the machine.
     """
     # torch.utils.benchmark imports cpp_extension, which logs a warning on a CUDA
     # build of PyTorch that finds no CUDA runtime (a CPU-only machine); it does not
@@ -522,23 +618,24 @@ def time_forward_backward(
     def step(model: nn.Module, x: torch.Tensor) -> None:
         model(x).sum().backward()
 
-    check_positive(rounds=rounds)
+    num_threads = torch.get_num_threads() if num_threads is None else num_threads
+    check_positive(rounds=rounds, num_threads=num_threads)
     timers = {
         name: benchmark.Timer(
             stmt="step(model, x)",
             globals={"step": step, "model": model, "x": x},
             label="forward+backward",
             description=name,
+            num_threads=num_threads,
         )
         for name, model in models.items()
     }
     samples: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, timer in timers.items():
-            samples[name] += timer.blocked_autorange(
-                min_run_time=min_run_time / rounds
-            ).times
-    return {name: float(np.median(times)) for name, times in samples.items()}
+            run = timer.blocked_autorange(min_run_time=min_run_time / rounds)
+            samples[name].append(run.median)
+    return Timings(samples, num_threads)
 
 
 def load_digits_split(
@@ -644,23 +741,29 @@ def train_classifier(
     batch_size: int = 64,
     lr: float = 0.05,
     weight_decay: float = 5e-4,
-    seed: int = 0,
+    seed: int | None = None,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
     threads: int | None = 1,
 ) -> list[float]:
     """Train ``model`` with cross-entropy, SGD (momentum 0.9) and a cosine schedule.
 
-    The batches are drawn from a generator seeded with ``seed``, so a run repeats
-    exactly. ``on_epoch(epoch, model)`` is called after each epoch (1, 2, ...).
-    Returns the mean training loss of each epoch; the model is left in training
-    mode. On the CPU it trains on ``threads`` threads (see :func:`cpu_threads`).
+    The batches are drawn from a generator seeded with ``seed`` (``None``: the
+    book's seed, :func:`book_seed`). Each epoch drops its last partial batch: BN
+    over a handful of images would give that step noisy statistics.
+    ``on_epoch(epoch, model)`` is called after each epoch (1, 2, ...). Returns the
+    mean training loss of each epoch; the model is left in training mode. On the
+    CPU it trains on ``threads`` threads (see :func:`cpu_threads`).
     """
     check_positive(epochs=epochs, batch_size=batch_size)
+    if batch_size > len(x):
+        raise ValueError(f"batch_size={batch_size} exceeds the {len(x)} images")
+    seed = book_seed() if seed is None else seed
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay
     )
-    steps_per_epoch = -(-len(x) // batch_size)
+    steps_per_epoch = len(x) // batch_size
+    used = steps_per_epoch * batch_size
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=epochs * steps_per_epoch
     )
@@ -670,14 +773,14 @@ def train_classifier(
         for epoch in range(1, epochs + 1):
             order = torch.randperm(len(x), generator=generator).to(x.device)
             total = 0.0
-            for batch in order.split(batch_size):
+            for batch in order[:used].split(batch_size):
                 loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 total += loss.item() * len(batch)
-            losses.append(total / len(x))
+            losses.append(total / used)
             if on_epoch is not None:
                 on_epoch(epoch, model)
     return losses
@@ -688,6 +791,71 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of ``x`` that ``model``, in evaluation mode, classifies as ``y``."""
     with model_mode(model, training=False), cpu_threads(1 if x.is_cpu else None):
         return (model(x).argmax(dim=1) == y).float().mean().item()
+
+
+def avg_pool_shortcut(
+    in_channels: int,
+    out_channels: int,
+    stride: int,
+    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+) -> nn.Module:
+    """The projection shortcut of ResNet-D (He et al., 2019), used by ResNeSt.
+
+    ``stride`` x ``stride`` average pool (where ``stride > 1``), then 1x1 conv and
+    BN. With ``ceil_mode`` an odd map keeps its last row and column, as the block's
+    padded 3x3 does; ``count_include_pad=False`` averages them over the pixels that
+    exist.
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, ceil(H / stride),
+    ceil(W / stride))``.
+    """
+    check_positive(
+        in_channels=in_channels, out_channels=out_channels, stride=stride
+    )
+    pool = (
+        nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+        if stride > 1
+        else nn.Identity()
+    )
+    conv = conv1x1(in_channels, out_channels)
+    return nn.Sequential(pool, conv, norm_layer(out_channels))
+
+
+class DeepStem(nn.Sequential):
+    """The stem of ResNet-C (He et al., 2019), used by ResNeSt: three 3x3 convs.
+
+    3x3 conv, stride 2 -> BN -> act -> 3x3 conv -> BN -> act -> 3x3 conv -> BN ->
+    act -> 3x3 max pool, stride 2. The first two convolutions have ``stem_width``
+    channels (``out_channels // 2`` unless given: 32 for ResNeSt-50).
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, H / 4, W / 4)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 64,
+        stem_width: int | None = None,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+    ) -> None:
+        stem_width = out_channels // 2 if stem_width is None else stem_width
+        check_positive(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            stem_width=stem_width,
+        )
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, stem_width, stride=2)
+        self.bn1 = norm_layer(stem_width)
+        self.act1 = create_act(act_layer)
+        self.conv2 = conv3x3(stem_width, stem_width)
+        self.bn2 = norm_layer(stem_width)
+        self.act2 = create_act(act_layer)
+        self.conv3 = conv3x3(stem_width, out_channels)
+        self.bn3 = norm_layer(out_channels)
+        self.act3 = create_act(act_layer)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
 
 # -------------------- notebooks/batch_norm.md --------------------
@@ -1303,71 +1471,6 @@ class ResNeStBottleneck(Bottleneck):
             identity = self.downsample(x)
         out = out + identity  # Eq. (eq-resnest-fuse): Y = T(X) + BN(W_3 V)
         return self.act3(out)
-
-
-class DeepStem(nn.Sequential):
-    """The stem of ResNet-C (He et al., 2019), used by ResNeSt: three 3x3 convs.
-
-    3x3 conv, stride 2 -> BN -> act -> 3x3 conv -> BN -> act -> 3x3 conv -> BN ->
-    act -> 3x3 max pool, stride 2. The first two convolutions have ``stem_width``
-    channels (``out_channels // 2`` unless given: 32 for ResNeSt-50).
-
-    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, H / 4, W / 4)``.
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 64,
-        stem_width: int | None = None,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-        act_layer: Callable[..., nn.Module] = nn.ReLU,
-    ) -> None:
-        stem_width = out_channels // 2 if stem_width is None else stem_width
-        check_positive(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            stem_width=stem_width,
-        )
-        super().__init__()
-        self.conv1 = conv3x3(in_channels, stem_width, stride=2)
-        self.bn1 = norm_layer(stem_width)
-        self.act1 = create_act(act_layer)
-        self.conv2 = conv3x3(stem_width, stem_width)
-        self.bn2 = norm_layer(stem_width)
-        self.act2 = create_act(act_layer)
-        self.conv3 = conv3x3(stem_width, out_channels)
-        self.bn3 = norm_layer(out_channels)
-        self.act3 = create_act(act_layer)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-
-
-def avg_pool_shortcut(
-    in_channels: int,
-    out_channels: int,
-    stride: int,
-    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-) -> nn.Module:
-    """The projection shortcut of ResNet-D (He et al., 2019), used by ResNeSt.
-
-    ``stride`` x ``stride`` average pool (where ``stride > 1``), then 1x1 conv and
-    BN. With ``ceil_mode`` an odd map keeps its last row and column, as the block's
-    padded 3x3 does; ``count_include_pad=False`` averages them over the pixels that
-    exist.
-
-    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, ceil(H / stride),
-    ceil(W / stride))``.
-    """
-    check_positive(
-        in_channels=in_channels, out_channels=out_channels, stride=stride
-    )
-    pool = (
-        nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
-        if stride > 1
-        else nn.Identity()
-    )
-    conv = conv1x1(in_channels, out_channels)
-    return nn.Sequential(pool, conv, norm_layer(out_channels))
 
 
 def resnest50(
