@@ -62,7 +62,12 @@ def use_book_style() -> None:
 
 
 def choose_device() -> torch.device:
-    """Return the fastest device present: CUDA, else Apple's MPS, else the CPU."""
+    """Return the fastest device present: CUDA, else Apple's MPS, else the CPU.
+
+    The variable ``CNNBOOK_DEVICE`` overrides the choice (``cpu`` on a GPU machine).
+    """
+    if "CNNBOOK_DEVICE" in os.environ:
+        return torch.device(os.environ["CNNBOOK_DEVICE"])
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
