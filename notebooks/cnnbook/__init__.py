@@ -551,6 +551,71 @@ def randomize_batch_norms(module: nn.Module) -> nn.Module:
     return module
 
 
+def avg_pool_shortcut(
+    in_channels: int,
+    out_channels: int,
+    stride: int,
+    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+) -> nn.Module:
+    """The projection shortcut of ResNet-D (He et al., 2019), used by ResNeSt.
+
+    ``stride`` x ``stride`` average pool (where ``stride > 1``), then 1x1 conv and
+    BN. With ``ceil_mode`` an odd map keeps its last row and column, as the block's
+    padded 3x3 does; ``count_include_pad=False`` averages them over the pixels that
+    exist.
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, ceil(H / stride),
+    ceil(W / stride))``.
+    """
+    check_positive(
+        in_channels=in_channels, out_channels=out_channels, stride=stride
+    )
+    pool = (
+        nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+        if stride > 1
+        else nn.Identity()
+    )
+    conv = conv1x1(in_channels, out_channels)
+    return nn.Sequential(pool, conv, norm_layer(out_channels))
+
+
+class DeepStem(nn.Sequential):
+    """The stem of ResNet-C (He et al., 2019), used by ResNeSt: three 3x3 convs.
+
+    3x3 conv, stride 2 -> BN -> act -> 3x3 conv -> BN -> act -> 3x3 conv -> BN ->
+    act -> 3x3 max pool, stride 2. The first two convolutions have ``stem_width``
+    channels (``out_channels // 2`` unless given: 32 for ResNeSt-50).
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, H / 4, W / 4)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 64,
+        stem_width: int | None = None,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+    ) -> None:
+        stem_width = out_channels // 2 if stem_width is None else stem_width
+        check_positive(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            stem_width=stem_width,
+        )
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, stem_width, stride=2)
+        self.bn1 = norm_layer(stem_width)
+        self.act1 = create_act(act_layer)
+        self.conv2 = conv3x3(stem_width, stem_width)
+        self.bn2 = norm_layer(stem_width)
+        self.act2 = create_act(act_layer)
+        self.conv3 = conv3x3(stem_width, out_channels)
+        self.bn3 = norm_layer(out_channels)
+        self.act3 = create_act(act_layer)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+
 def assert_finite_gradients(module: nn.Module) -> None:
     """Assert that every parameter of ``module`` received a finite gradient."""
     for name, parameter in module.named_parameters():
@@ -796,71 +861,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of ``x`` that ``model``, in evaluation mode, classifies as ``y``."""
     with model_mode(model, training=False), cpu_threads(1 if x.is_cpu else None):
         return (model(x).argmax(dim=1) == y).float().mean().item()
-
-
-def avg_pool_shortcut(
-    in_channels: int,
-    out_channels: int,
-    stride: int,
-    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-) -> nn.Module:
-    """The projection shortcut of ResNet-D (He et al., 2019), used by ResNeSt.
-
-    ``stride`` x ``stride`` average pool (where ``stride > 1``), then 1x1 conv and
-    BN. With ``ceil_mode`` an odd map keeps its last row and column, as the block's
-    padded 3x3 does; ``count_include_pad=False`` averages them over the pixels that
-    exist.
-
-    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, ceil(H / stride),
-    ceil(W / stride))``.
-    """
-    check_positive(
-        in_channels=in_channels, out_channels=out_channels, stride=stride
-    )
-    pool = (
-        nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
-        if stride > 1
-        else nn.Identity()
-    )
-    conv = conv1x1(in_channels, out_channels)
-    return nn.Sequential(pool, conv, norm_layer(out_channels))
-
-
-class DeepStem(nn.Sequential):
-    """The stem of ResNet-C (He et al., 2019), used by ResNeSt: three 3x3 convs.
-
-    3x3 conv, stride 2 -> BN -> act -> 3x3 conv -> BN -> act -> 3x3 conv -> BN ->
-    act -> 3x3 max pool, stride 2. The first two convolutions have ``stem_width``
-    channels (``out_channels // 2`` unless given: 32 for ResNeSt-50).
-
-    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, H / 4, W / 4)``.
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 64,
-        stem_width: int | None = None,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-        act_layer: Callable[..., nn.Module] = nn.ReLU,
-    ) -> None:
-        stem_width = out_channels // 2 if stem_width is None else stem_width
-        check_positive(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            stem_width=stem_width,
-        )
-        super().__init__()
-        self.conv1 = conv3x3(in_channels, stem_width, stride=2)
-        self.bn1 = norm_layer(stem_width)
-        self.act1 = create_act(act_layer)
-        self.conv2 = conv3x3(stem_width, stem_width)
-        self.bn2 = norm_layer(stem_width)
-        self.act2 = create_act(act_layer)
-        self.conv3 = conv3x3(stem_width, out_channels)
-        self.bn3 = norm_layer(out_channels)
-        self.act3 = create_act(act_layer)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
 
 # -------------------- notebooks/batch_norm.md --------------------
