@@ -82,7 +82,8 @@ def assert_same_training(a: dict, b: dict) -> None:
 
 
 def test_killed_run_restarts_and_ends_as_uninterrupted(photos: Path, tmp_path: Path) -> None:
-    """One process is killed (SIGKILL) at step 5; torchrun --max-restarts restarts both,
+    """Both processes are killed (SIGKILL) at step 5, as when their machine fails;
+    torchrun --max-restarts restarts both,
     they resume from the checkpoint of step 4 and end with the uninterrupted run's weights.
     The random crops and flips differ between the processes and must be the same after
     the resume; the killed run reads them with a data-loading worker, the other without."""
@@ -94,6 +95,7 @@ def test_killed_run_restarts_and_ends_as_uninterrupted(photos: Path, tmp_path: P
                  tmp_path, processes=2)
     assert killed.returncode == 0, killed.stderr[-3000:]
     assert "step 5: rank 1 kills itself (SIGKILL)" in killed.stderr
+    assert "step 5: rank 0 kills itself (SIGKILL)" in killed.stderr
     assert "exitcode: -9" in killed.stderr                   # torchrun saw the signal
     assert "resumed from killed/last.pt at step 4" in killed.stdout
     assert_same_training(load(tmp_path / "full" / "last.pt"),

@@ -780,7 +780,7 @@ def train(args: argparse.Namespace) -> None:
     channels = 1 if args.data == "digits" else input_channels(args.model)
     train_set, test_set, num_classes, in_channels = load_data(
         args.data, args.image_size, args.seed, channels)
-    model = build_model(args.model, num_classes, in_channels).to(device, dtype)
+    model = build_model(args.model, num_classes, in_channels)
     if args.sync_bn:   # PyTorch's has fused kernels but needs a GPU; the book's not
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -788,7 +788,7 @@ def train(args: argparse.Namespace) -> None:
             model = cnnbook.convert_sync_batchnorm(model)
     memory_format = (torch.channels_last if args.channels_last
                      else torch.contiguous_format)
-    model = model.to(memory_format=memory_format)
+    model = model.to(device, dtype, memory_format=memory_format)
     # Each process's own randomness (dropout, a random layer) differs: seed + rank.
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -948,8 +948,7 @@ def train(args: argparse.Namespace) -> None:
                     log(f"step {step}: saved {LAST}"
                         + (f" and {BEST}" if epoch_end and improved else ""))
             if (fresh and step == args.kill_at_step
-                    and rank == (world_size - 1 if args.kill_rank is None
-                                 else args.kill_rank)):
+                    and args.kill_rank in (None, rank)):    # None: every process
                 log(f"step {step}: rank {rank} killed (--kill-at-step)")
                 print(f"step {step}: rank {rank} kills itself (SIGKILL)",
                       file=sys.stderr, flush=True)
@@ -1038,12 +1037,12 @@ def evaluate(model: nn.Module, test_set: Dataset, image_size: int, workers: int,
 
 def record_first_step(folder: Path, rank: int, model: nn.Module,
                       initial: dict[str, torch.Tensor], indices: Iterable[int],
-                      loss: torch.Tensor) -> None:
+                      loss: float) -> None:
     """Save what this process saw and computed in the first step, before the update:
     ``rank{rank}.pt`` in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({
-        "rank": rank, "indices": torch.tensor(list(indices)), "loss": loss.item(),
+        "rank": rank, "indices": torch.tensor(list(indices)), "loss": loss,
         "initial": initial,
         "gradients": {name: p.grad.cpu().clone()
                       for name, p in model.named_parameters()},
