@@ -83,12 +83,13 @@ def assert_same_training(a: dict, b: dict) -> None:
 
 def test_killed_run_restarts_and_ends_as_uninterrupted(photos: Path, tmp_path: Path) -> None:
     """Both processes are killed (SIGKILL) at step 5, as when their machine fails;
-    torchrun --max-restarts restarts both,
-    they resume from the checkpoint of step 4 and end with the uninterrupted run's weights.
+    torchrun --max-restarts restarts them, they resume from the checkpoint of step 4 and
+    end with the uninterrupted run's weights.
     The random crops and flips differ between the processes and must be the same after
-    the resume; the killed run reads them with a data-loading worker, the other without."""
+    the resume; the killed run reads them with a data-loading worker, the other without.
+    Mixed precision (--amp) with the book's SyncBatchNorm, on the CPU."""
     common = [*TINY, "--data", str(photos), "--batch-size", "16", "--epochs", "2",
-              "--checkpoint-every", "2", "--sync-bn", "--print-freq", "1"]
+              "--checkpoint-every", "2", "--sync-bn", "--amp", "--print-freq", "1"]
     full = run([*common, "--output-dir", "full"], tmp_path, processes=2)
     assert full.returncode == 0, full.stderr[-3000:]
     killed = run([*common, "--output-dir", "killed", "--kill-at-step", "5", "--workers", "1"],
