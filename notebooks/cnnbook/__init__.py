@@ -1814,8 +1814,10 @@ class SyncBatchNorm(nn.BatchNorm2d):
                     momentum = 1 / self.num_batches_tracked.item()
                 else:
                     momentum = self.momentum
-                self.running_mean.lerp_(mean.to(x.dtype), momentum)
-                self.running_var.lerp_((var * n / (n - 1)).to(x.dtype), momentum)
+                # The buffers' own dtype: under autocast x may be bfloat16.
+                stored = self.running_mean.dtype
+                self.running_mean.lerp_(mean.to(stored), momentum)
+                self.running_var.lerp_((var * n / (n - 1)).to(stored), momentum)
         shape = (1, channels, 1, 1)
         mean, var = mean.to(x.dtype).view(shape), var.to(x.dtype).view(shape)
         x_hat = (x - mean) * torch.rsqrt(var + self.eps)
@@ -1844,7 +1846,7 @@ def convert_sync_batchnorm(
         )
         tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
         if tensor is not None:
-            sync.to(tensor.device)
+            sync.to(tensor.device, tensor.dtype)  # a float64 network stays so
         sync.load_state_dict(module.state_dict())
         return sync.train(module.training)
     for name, child in module.named_children():
