@@ -2,20 +2,27 @@
 
 Each of the book's seven 50-layer networks (saved in ``cnnbook`` by its chapter) is timed
 against the same network as torchvision or timm builds it: one forward and backward pass in
-training mode, on the same input, the two models interleaved in several rounds with
-``torch.utils.benchmark`` (``cnnbook.time_forward_backward``), so a slow spell of the machine
-falls on both alike. The table of ratios (book / reference; below 1 means the book is faster)
-is printed and written into the package, ``notebooks/cnnbook/benchmarks/DEVICE.csv``, where the
-closing chapter reads it (with ``importlib.resources``, so it is found from a clone and from
-an installed module alike). The file names the device, the date, the versions and the command.
+training mode, on the same input, on the machine's CPU threads (``--threads``), the two models
+interleaved in several rounds with ``torch.utils.benchmark`` (``cnnbook.time_forward_backward``),
+so a slow spell of the machine falls on both alike. The ratio (book / reference; below 1 means
+the book is faster) is the median of the rounds' ratios, given with their interquartile range
+and count. The table is printed and written into the package,
+``notebooks/cnnbook/benchmarks/DEVICE.csv``, where the closing chapter reads it (with
+``importlib.resources``, so it is found from a clone and from an installed module alike). Its
+header names the device, the date, the versions, the command, and the hash of the module's
+source (``cnnbook.module_hash``): the chapter refuses a table measured with other code.
 
-On the CPU the networks run in float32. On a CUDA GPU they run twice: in float32 and in the
-setting a GPU trains in, channels-last memory layout with automatic mixed precision
-(bfloat16 where the GPU supports it, else float16).
+On the CPU the networks run in float32, on a small input (2 images of 112x112, where launching
+operators weighs) and in the papers' setting (224x224, a batch that keeps every core busy). On
+a CUDA GPU they run at 224x224 in batches of 64 and 128, in float32 and in the setting a GPU
+trains in, channels-last memory layout with automatic mixed precision (bfloat16 where the GPU
+supports it, else float16).
 
 Where a ratio is above ``--profile-above`` (1.05), both models of the pair are profiled with
-``torch.profiler`` and the operators whose self time differs most are printed: that is where
-the book's block spends the time the reference saves.
+``cnnbook.profile_step`` and the operators (and on a GPU the kernels) whose call counts or self
+times differ most are printed: that is where the book's block spends the time the reference
+saves. ``--control`` adds, for each network, the reference timed against a second instance of
+itself: the ratio that measurement noise and the order of the two models alone give.
 
 Not part of ``make test``: timings depend on the machine and take a while.
 """
@@ -34,7 +41,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.autograd import DeviceType
 
 ROOT = Path(__file__).resolve().parent.parent
 # The worktree's module, not one installed from another folder.
@@ -98,9 +104,12 @@ FIELDS = [
     "setting",
     "batch",
     "size",
+    "threads",
+    "rounds",
     "book_ms",
     "reference_ms",
     "ratio",
+    "ratio_iqr",
     "book_params",
     "reference_params",
 ]
@@ -121,6 +130,15 @@ class Autocast(nn.Module):
 
 def settings(device: torch.device) -> list[str]:
     return ["fp32"] if device.type == "cpu" else ["fp32", "channels_last+amp"]
+
+
+def batch_and_size(text: str) -> tuple[int, int]:
+    """``"8x224"`` -> ``(8, 224)``: a batch of 8 images of 224x224."""
+    try:
+        batch, size = (int(n) for n in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCHxSIZE, got {text!r}") from None
+    return batch, size
 
 
 def prepare(
@@ -144,43 +162,41 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"CPU: {model}, {torch.get_num_threads()} threads"
+    return f"CPU: {model}"
 
 
 def profile_pair(
     book: nn.Module, reference: nn.Module, x: torch.Tensor, steps: int = 3, top: int = 10
 ) -> None:
-    """Print where the two models' training steps differ, operator by operator.
+    """Print where the two models' training steps differ, operator by operator (and on
+    a GPU, kernel by kernel).
 
     The two are profiled in alternation, one step each in turn, so a slow spell of the
     machine falls on both. Operators called a different number of times are structural
     differences (the book does other or more work) and come first; then the operators
     whose self time differs most.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    # Kineto, the profiler's engine, logs its start and stop to stderr; above 5 it is silent.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    activities = [ProfilerActivity.CPU]
-    if x.is_cuda:
-        activities.append(ProfilerActivity.CUDA)
-    # Operators only (events on the CPU side); on a GPU, the time of their kernels.
-    attr = "self_device_time_total" if x.is_cuda else "self_cpu_time_total"
-    totals: list[dict[str, list[float]]] = [{}, {}]
-    for model in (book, reference):
-        model(x).sum().backward()  # warm up outside the profile
+    totals: list[list[dict[str, list[float]]]] = [[{}, {}], [{}, {}]]
     for _ in range(steps):
         for model, total in zip((book, reference), totals):
-            with profile(activities=activities) as prof:
-                model(x).sum().backward()
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-            for e in prof.key_averages():
-                if e.device_type == DeviceType.CPU:
-                    time_count = total.setdefault(e.key, [0.0, 0])
-                    time_count[0] += getattr(e, attr) / steps / 1e3  # ms per step
-                    time_count[1] += e.count
-    ours, theirs = totals
+            profiled = cnnbook.profile_step(model, x)
+            for table, seen in zip(total, (profiled.operators, profiled.kernels)):
+                for key, (ms, calls) in seen.items():
+                    time_count = table.setdefault(key, [0.0, 0])
+                    time_count[0] += ms / steps
+                    time_count[1] += calls
+    for what, ours, theirs in zip(("operator", "GPU kernel"), *totals):
+        if ours or theirs:
+            print_differences(what, ours, theirs, steps, top)
+
+
+def print_differences(
+    what: str,
+    ours: dict[str, list[float]],
+    theirs: dict[str, list[float]],
+    steps: int,
+    top: int,
+) -> None:
     zero = [0.0, 0]
 
     def differs(key: str) -> bool:
@@ -190,79 +206,103 @@ def profile_pair(
         return ours.get(key, zero)[0] - theirs.get(key, zero)[0]
 
     keys = sorted(set(ours) | set(theirs), key=lambda k: (not differs(k), -gap(k)))
-    print(f"    {'operator':44s} {'book ms':>8s} {'calls':>5s} {'ref. ms':>8s} {'calls':>5s}")
+    print(f"    {what:44s} {'book ms':>8s} {'calls':>5s} {'ref. ms':>8s} {'calls':>5s}")
     for key in keys[:top]:
         (t_ours, n_ours), (t_ref, n_ref) = ours.get(key, zero), theirs.get(key, zero)
-        print(f"    {key[:44]:44s} {t_ours:8.2f} {n_ours // steps:5d} {t_ref:8.2f} "
-              f"{n_ref // steps:5d}")
+        print(f"    {key[:44]:44s} {t_ours:8.2f} {int(n_ours) // steps:5d} {t_ref:8.2f} "
+              f"{int(n_ref) // steps:5d}")
     total_ours = sum(t for t, _ in ours.values())
     total_ref = sum(t for t, _ in theirs.values())
-    print(f"    {'all operators, per step':44s} {total_ours:8.2f} {'':5s} {total_ref:8.2f}")
+    print(f"    {'all, per step':44s} {total_ours:8.2f} {'':5s} {total_ref:8.2f}")
 
 
 def bench_device(args: argparse.Namespace, device: torch.device) -> Path:
-    batch, size = (args.cuda_batch, args.cuda_size) if device.type == "cuda" else (
-        args.batch,
-        args.size,
-    )
+    inputs = args.cuda_inputs if device.type == "cuda" else args.cpu_inputs
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    print(f"\n{device_name(device)}: batch {batch} at {size}x{size}, "
-          f"min_run_time {args.min_run_time} s per model in {args.rounds} rounds")
+    threads = args.threads or torch.get_num_threads()
+    print(f"\n{device_name(device)}: inputs {', '.join(f'{b}x{s}' for b, s in inputs)}; "
+          f"{args.min_run_time} s per model in {args.rounds} rounds, {threads} threads")
     rows = []
     for network, (builder_name, reference_name, build_reference) in PAIRS.items():
         if args.only and network not in args.only:
             continue
-        builder = getattr(cnnbook, builder_name)
         torch.manual_seed(0)
-        book = builder().to(device)
+        book = getattr(cnnbook, builder_name)().to(device)
         reference = build_reference().to(device)
-        book_params = cnnbook.count_parameters(book)
-        reference_params = cnnbook.count_parameters(reference)
-        x = torch.randn(batch, 3, size, size, device=device)
-        for setting in settings(device):
-            book_s, x_s = prepare(book, x, setting)
-            reference_s, _ = prepare(reference, x, setting)
-            times = cnnbook.time_forward_backward(
-                {"book": book_s, "reference": reference_s},
-                x_s,
-                min_run_time=args.min_run_time,
-                rounds=args.rounds,
-            )
-            ratio = times["book"] / times["reference"]
-            row = dict(
-                network=network,
-                reference=reference_name,
-                setting=setting,
-                batch=batch,
-                size=size,
-                book_ms=f"{times['book'] * 1e3:.2f}",
-                reference_ms=f"{times['reference'] * 1e3:.2f}",
-                ratio=f"{ratio:.3f}",
-                book_params=book_params,
-                reference_params=reference_params,
-            )
-            rows.append(row)
-            flag = f"  <- above {args.profile_above}" if ratio > args.profile_above else ""
-            print(f"  {network:15s} {setting:18s} book {row['book_ms']:>8s} ms, "
-                  f"{reference_name} {row['reference_ms']:>8s} ms, "
-                  f"ratio {ratio:.3f}{flag}")
-            if book_params != reference_params:
-                print(f"    note: {book_params:,} parameters against the reference's "
-                      f"{reference_params:,}")
-            if ratio > args.profile_above and not args.no_profile:
-                profile_pair(book_s, reference_s, x_s)
-        del book, reference
+        pairs = [(network, reference_name, book, reference)]
+        if args.control:  # the reference against itself: noise and order alone
+            pairs.append((f"{network} (A/A control)", reference_name,
+                          build_reference().to(device), reference))
+        for batch, size in inputs:
+            x = torch.randn(batch, 3, size, size, device=device)
+            for setting in settings(device):
+                for name, ref_name, first, second in pairs:
+                    rows.append(time_pair(args, name, ref_name, first, second, x,
+                                          setting, threads))
+            del x
+        del book, reference, pairs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return write_table(rows, device, batch, size, args)
+    return write_table(rows, device, threads, args)
+
+
+def time_pair(
+    args: argparse.Namespace,
+    network: str,
+    reference_name: str,
+    book: nn.Module,
+    reference: nn.Module,
+    x: torch.Tensor,
+    setting: str,
+    threads: int,
+) -> dict[str, object]:
+    """Time one pair in one setting, print its row (and its profile where the book is
+    slower), and return the row."""
+    book_s, x_s = prepare(book, x, setting)
+    reference_s, _ = prepare(reference, x, setting)
+    times = cnnbook.time_forward_backward(
+        {"book": book_s, "reference": reference_s},
+        x_s,
+        min_run_time=args.min_run_time,
+        rounds=args.rounds,
+        num_threads=threads,
+    )
+    ratio = times.ratio("book", "reference")
+    book_params = cnnbook.count_parameters(book)
+    reference_params = cnnbook.count_parameters(reference)
+    row = dict(
+        network=network,
+        reference=reference_name,
+        setting=setting,
+        batch=len(x),
+        size=x.shape[-1],
+        threads=times.num_threads,
+        rounds=ratio.n,
+        book_ms=f"{times['book'] * 1e3:.2f}",
+        reference_ms=f"{times['reference'] * 1e3:.2f}",
+        ratio=f"{ratio.median:.3f}",
+        ratio_iqr=f"{ratio.iqr:.3f}",
+        book_params=book_params,
+        reference_params=reference_params,
+    )
+    slower = ratio.median > args.profile_above
+    flag = f"  <- above {args.profile_above}" if slower else ""
+    print(f"  {network:15s} {setting:18s} {len(x):4d}x{x.shape[-1]} "
+          f"book {row['book_ms']:>8s} ms, {reference_name} {row['reference_ms']:>8s} ms, "
+          f"ratio {ratio}{flag}")
+    if book_params != reference_params:
+        print(f"    note: {book_params:,} parameters against the reference's "
+              f"{reference_params:,}")
+    if slower and not args.no_profile:
+        profile_pair(book_s, reference_s, x_s)
+    return row
 
 
 def write_table(
     rows: list[dict[str, object]],
     device: torch.device,
-    batch: int,
-    size: int,
+    threads: int,
     args: argparse.Namespace,
 ) -> Path:
     import timm
@@ -273,19 +313,25 @@ def write_table(
     command = " ".join(["python tools/bench.py", *sys.argv[1:]])
     if len(sys.argv) == 1:
         command = f"make bench ({command})"
+    tf32 = ""
+    if device.type == "cuda":
+        tf32 = f"; TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
     header = [
         "The CNN Blocks Book: forward+backward time in training mode, the book's network "
         "against the reference library's (ratio = book / reference; below 1: the book is "
         "faster)",
         f"device: {device_name(device)}; load average {os.getloadavg()[0]:.1f} at the end, "
-        f"on {os.cpu_count()} cores (higher: other programs shared the machine)",
+        f"on {os.cpu_count()} cores (higher: other programs shared the machine){tf32}",
         f"date: {datetime.date.today().isoformat()}",
         f"versions: torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"timm {timm.__version__}, Python {platform.python_version()}",
+        f"module: cnnbook {cnnbook.module_hash()} (cnnbook.module_hash(): SHA-256 of "
+        "notebooks/cnnbook/__init__.py, first 16 hex digits)",
         f"command: {command}",
-        f"timing: torch.utils.benchmark, the two models interleaved in {args.rounds} rounds "
-        f"of {args.min_run_time / args.rounds:.2f} s each, median; batch {batch} at "
-        f"{size}x{size}",
+        f"timing: torch.utils.benchmark on {threads} threads, the two models interleaved in "
+        f"{args.rounds} rounds of {args.min_run_time / args.rounds:.2f} s each (at least one "
+        "step after a warm-up step); book_ms, reference_ms: medians of the rounds; ratio: "
+        "median of the rounds' ratios, ratio_iqr: their interquartile range",
     ]
     with path.open("w", newline="") as f:
         for line in header:
@@ -305,13 +351,19 @@ def main() -> None:
         default="auto",
         help="auto: the CPU, and a CUDA GPU too when one is present",
     )
-    parser.add_argument("--batch", type=int, default=2, help="CPU batch size")
-    parser.add_argument("--size", type=int, default=112, help="CPU image size")
-    parser.add_argument("--cuda-batch", type=int, default=32, help="GPU batch size")
-    parser.add_argument("--cuda-size", type=int, default=224, help="GPU image size")
-    parser.add_argument("--min-run-time", type=float, default=3.0,
+    parser.add_argument("--cpu-inputs", type=batch_and_size, nargs="+",
+                        default=[(2, 112), (8, 224)], metavar="BATCHxSIZE",
+                        help="CPU inputs (default: 2x112 8x224)")
+    parser.add_argument("--cuda-inputs", type=batch_and_size, nargs="+",
+                        default=[(64, 224), (128, 224)], metavar="BATCHxSIZE",
+                        help="GPU inputs (default: 64x224 128x224)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch.get_num_threads())")
+    parser.add_argument("--min-run-time", type=float, default=10.0,
                         help="seconds of timing per model, split over the rounds")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--control", action="store_true",
+                        help="also time each reference against a second instance of itself")
     parser.add_argument("--profile-above", type=float, default=1.05,
                         help="profile the pairs whose ratio is above this")
     parser.add_argument("--no-profile", action="store_true")

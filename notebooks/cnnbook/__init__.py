@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import importlib.resources
 import inspect
 import itertools
 import logging
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
 # -------------------- notebooks/basics.md --------------------
@@ -1721,6 +1724,80 @@ def cbam_resnet50(
     """
     attn_layer = partial(CBAM, reduction=reduction, kernel_size=kernel_size)
     return resnet50(num_classes, block_kwargs=dict(attn_layer=attn_layer), **kwargs)
+
+
+# -------------------- notebooks/comparison.md --------------------
+
+
+def module_hash() -> str:
+    """The first 16 hex digits of the SHA-256 of this module's source,
+    ``cnnbook/__init__.py`` (line ends normalised). A benchmark table records it, so
+    a table measured with other code is recognised as stale."""
+    source = (importlib.resources.files("cnnbook") / "__init__.py").read_text()
+    return hashlib.sha256(source.replace("\r\n", "\n").encode()).hexdigest()[:16]
+
+
+class StepProfile(NamedTuple):
+    """One profiled training step.
+
+    ``operators``: each operator's self time (ms; on a GPU, of the kernels it
+    launched) and calls; ``kernels``: the same for each GPU kernel (empty on the
+    CPU); ``peak_bytes``: the most memory the step held above what was allocated
+    before it (``None`` on a device without a memory record)."""
+
+    operators: dict[str, tuple[float, int]]
+    kernels: dict[str, tuple[float, int]]
+    peak_bytes: int | None
+
+
+def profile_step(model: nn.Module, x: torch.Tensor) -> StepProfile:
+    """Profile one forward and backward pass of ``model`` on ``x`` with
+    ``torch.profiler``, after a warm-up pass, starting without gradients (as after
+    an optimiser's ``zero_grad``) and leaving none.
+
+    The peak memory comes from the profiler's record of every allocation on the
+    CPU, from ``torch.cuda.max_memory_allocated`` on a CUDA GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    # Kineto, the profiler's engine, logs to stderr; above level 5 it stays silent.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    model(x).sum().backward()  # warm up outside the profile
+    model.zero_grad(set_to_none=True)
+    activities = [ProfilerActivity.CPU]
+    start = 0
+    if x.is_cuda:
+        activities.append(ProfilerActivity.CUDA)
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        start = torch.cuda.memory_allocated(x.device)
+    with profile(activities=activities, profile_memory=x.is_cpu) as prof:
+        model(x).sum().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+    model.zero_grad(set_to_none=True)
+    peak = None
+    if x.is_cuda:
+        peak = torch.cuda.max_memory_allocated(x.device) - start
+    elif x.is_cpu:  # allocations (+) and frees (-) in time order
+        events = prof.profiler.kineto_results.events()
+        memory = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in events
+            if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+        )
+        peak = int(max(itertools.accumulate(n for _, n in memory), default=0))
+    attribute = "self_device_time_total" if x.is_cuda else "self_cpu_time_total"
+    operators: dict[str, tuple[float, int]] = {}
+    kernels: dict[str, tuple[float, int]] = {}
+    for e in prof.key_averages():
+        if e.key == "[memory]":
+            continue
+        if e.device_type == DeviceType.CPU:  # microseconds to ms
+            operators[e.key] = (getattr(e, attribute) / 1e3, e.count)
+        else:
+            kernels[e.key] = (e.self_device_time_total / 1e3, e.count)
+    return StepProfile(operators, kernels, peak)
 
 
 # -------------------- notebooks/scaling.md --------------------
