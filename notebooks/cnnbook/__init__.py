@@ -880,22 +880,27 @@ def batch_norm_layers(model: nn.Module) -> list[nn.Module]:
 def batch_statistics(
     model: nn.Module, loader: Iterable[Any], num_batches: int
 ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per-batch statistics of the input of every BN layer, the weights frozen.
+    """Per-batch statistics of the input of every BN layer in training mode.
 
     Runs the first ``num_batches`` batches of ``loader`` (tensors, or tuples and
-    lists whose first element is the input) through ``model`` in training mode, as
-    training does: every BN layer normalises with its batch's statistics. Nothing of
-    ``model`` changes: no gradient is computed, and every buffer and every module's
-    mode are restored.
+    lists whose first element is the input) through ``model`` as it is set, the
+    weights frozen: a BN layer in training mode normalises with its batch's
+    statistics, as in training, and they are recorded; a BN layer in evaluation
+    mode (frozen, as when fine-tuning) normalises with its running statistics, as
+    in training, and is left out. Nothing of ``model`` changes: no gradient is
+    computed, no mode is switched and every buffer is restored.
 
-    Returns, for each BN layer: the number of values per channel of each batch
-    ``(K,)``, the batch means ``(K, C)`` and the biased batch variances ``(K, C)``,
-    in float64 on the CPU.
+    Returns, for each BN layer in training mode: the number of values per channel
+    of each batch ``(K,)``, the batch means ``(K, C)`` and the biased batch
+    variances ``(K, C)``, in float64 on the CPU.
     """
     check_positive(num_batches=num_batches)
-    layers = batch_norm_layers(model)
+    layers = [m for m in batch_norm_layers(model) if m.training]
     if not layers:
-        raise ValueError("model has no BatchNorm layer with running statistics")
+        raise ValueError(
+            "model has no BN layer in training mode (one in evaluation mode is "
+            "frozen and keeps its statistics): call model.train() first"
+        )
     records: dict[nn.Module, list[tuple[int, torch.Tensor, torch.Tensor]]] = {
         m: [] for m in layers
     }
@@ -912,11 +917,10 @@ def batch_statistics(
     hooks = [layer.register_forward_pre_hook(record) for layer in layers]
     seen = 0
     try:
-        with model_mode(model, training=True):
-            for batch in itertools.islice(loader, num_batches):
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                model(x.to(device))
-                seen += 1
+        for batch in itertools.islice(loader, num_batches):
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(x.to(device))
+            seen += 1
     finally:
         for hook in hooks:
             hook.remove()
@@ -952,13 +956,14 @@ def pool_statistics(
 
 
 def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> None:
-    """Precise BN (Wu & Johnson, 2021): exact population statistics for each BN.
+    """Precise BN (Wu & Johnson, 2021): population statistics for each BN layer.
 
-    Replaces each BN layer's running mean and variance, an exponential moving
-    average collected while the weights changed, by the statistics of its input over
-    ``num_batches`` batches of ``loader`` with the current weights frozen (Eq.
-    eq-precise). Use batches like the training batches (same size, shuffled). The
-    weights and every other buffer are left unchanged.
+    Replaces the running mean and variance of each BN layer in training mode, an
+    exponential moving average collected while the weights changed, by the
+    statistics of its input over ``num_batches`` batches of ``loader`` with the
+    current weights frozen (Eq. eq-precise). A BN layer in evaluation mode is
+    frozen and keeps its statistics. Use batches like the training batches (same
+    size, shuffled). The weights, the modes and every other buffer are unchanged.
     """
     for layer, statistics in batch_statistics(model, loader, num_batches).items():
         mean, variance = pool_statistics(*statistics)
