@@ -293,10 +293,60 @@ def sk_convolution(path: Path) -> None:
     plt.close(fig)
 
 
+def se_block(path: Path) -> None:
+    """The SE block (Hu et al., 2018): squeeze, excitation and scale, with the shape of the
+    tensor under each arrow."""
+    boxes = [  # label, group (colour)
+        ("$U$\n$C{\\times}H{\\times}W$", "data"), ("global\navg pool", "squeeze"),
+        ("FC\n$C \\to C/r$", "excite"), ("ReLU", "excite"),
+        ("FC\n$C/r \\to C$", "excite"), ("sigmoid", "excite"),
+        ("$\\times$\nscale", "scale"), ("$\\tilde{X}$\n$C{\\times}H{\\times}W$", "data")]
+    # The shape each arrow carries, from the arrow after box 0 to the last one.
+    shapes = ["$C{\\times}H{\\times}W$", "$C{\\times}1{\\times}1$",
+              "$C/r{\\times}1{\\times}1$", "$C/r{\\times}1{\\times}1$",
+              "$C{\\times}1{\\times}1$", "$s$: $C{\\times}1{\\times}1$",
+              "$C{\\times}H{\\times}W$"]
+    colours = {"data": PALETTE[7], "squeeze": PALETTE[0], "excite": PALETTE[1],
+               "scale": PALETTE[2]}
+    fig, ax = plt.subplots(figsize=(8, 2.1))
+    ax.grid(False)
+    step, width, height = 1.5, 1.15, 0.9
+    for i, (label, group) in enumerate(boxes):
+        colour = colours[group]
+        ax.add_patch(FancyBboxPatch((i * step, 0), width, height, alpha=0.25,
+                                    boxstyle="round,pad=0.03", facecolor=colour,
+                                    edgecolor=colour))
+        ax.text(i * step + width / 2, height / 2, label, ha="center", va="center",
+                fontsize=10)
+    for i, shape in enumerate(shapes):
+        arrow(ax, (i * step + width, height / 2), ((i + 1) * step, height / 2))
+        ax.text(i * step + (step + width) / 2, -0.15, shape, ha="center", va="top",
+                fontsize=8.5)
+    # U also goes to the scale: the weights multiply the map they came from.
+    top, u_centre, scale_centre = height + 0.45, width / 2, 6 * step + width / 2
+    ax.plot([u_centre, u_centre, scale_centre], [height + 0.05, top, top],
+            color="#333333", linewidth=1.2)
+    arrow(ax, (scale_centre, top), (scale_centre, height + 0.05))
+    groups = [(1, 1, "squeeze"), (2, 5, "excitation"), (6, 6, "scale")]
+    for first, last, name in groups:
+        colour = colours["excite" if name == "excitation" else name]
+        left, right = first * step, last * step + width
+        ax.plot([left, left, right, right], [-0.6, -0.7, -0.7, -0.6], color=colour)
+        ax.text((left + right) / 2, -0.8, name, ha="center", va="top", color=colour,
+                fontsize=10)
+    ax.set_xlim(-0.1, len(boxes) * step)
+    ax.set_ylim(-1.15, top + 0.1)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.savefig(path, metadata={"Date": None})
+    plt.close(fig)
+
+
 def main() -> None:
     resnet_skeleton(HERE / "resnet_skeleton.svg")
     resnext_forms(HERE / "resnext_forms.svg")
     sk_convolution(HERE / "sk_convolution.svg")
+    se_block(HERE / "se_block.svg")
 
 
 if __name__ == "__main__":

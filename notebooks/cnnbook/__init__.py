@@ -1116,6 +1116,24 @@ def se_resnext50_32x4d(
     return resnext50_32x4d(num_classes, block_kwargs=block_kwargs, **kwargs)
 
 
+def saved_activations(model: nn.Module, x: torch.Tensor) -> int:
+    """Elements of the tensors autograd keeps for the backward pass of ``model(x)``
+    in training mode, parameters left out and each storage counted once."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with model_mode(model, True):
+            model(x)
+    return sum(storages.values())
+
+
 # -------------------- notebooks/sknet.md --------------------
 
 
@@ -1228,7 +1246,14 @@ class SKBottleneck(Bottleneck):
         )
         width = self.conv1.out_channels
         self.conv2 = SKConv(
-            width, stride, M, groups, reduction, min_dim, norm_layer, act_layer
+            width,
+            stride=stride,
+            M=M,
+            groups=groups,
+            reduction=reduction,
+            min_dim=min_dim,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
         )
         # Each SK path has its own BN and activation: none after the SK convolution.
         self.bn2 = nn.Identity()
