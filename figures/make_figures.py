@@ -342,11 +342,69 @@ def se_block(path: Path) -> None:
     plt.close(fig)
 
 
+def cbam_modules(path: Path) -> None:
+    """CBAM's channel attention (top) and spatial attention (bottom), after Fig. 2 of
+    Woo et al. (2018), as the CBAM chapter builds them."""
+    fig, ax = plt.subplots(figsize=(9.6, 4.4))
+    ax.set_xlim(0, 12)
+    ax.set_ylim(0, 5.6)
+    ax.set_axis_off()
+    ax.grid(False)
+    attention = "#F6D8C4"  # the layers that compute the maps
+
+    def skip(y: float) -> None:
+        """The input's path around the row, from its box to the product."""
+        ax.plot([0.8, 0.8, 9.5], [y + 0.4, y + 1.05, y + 1.05], color="#333333", lw=1.2)
+        arrow(ax, (9.5, y + 1.05), (9.5, y + 0.25))
+
+    def row(y: float, title: str, boxes: list[tuple[float, float, float, str]],
+            join: list[tuple[float, float]]) -> None:
+        """A row: its title, the input's two pools, ``boxes`` and the arrows of ``join``."""
+        ax.text(0.1, y + 1.25, title, fontsize=10, weight="bold")
+        for x, w, h, text in boxes:
+            learned = any(word in text for word in ("MLP", "conv", "sigmoid"))
+            color = attention if learned else PLAIN
+            box(ax, x, y, w, h, text, color=color, size=8.5)
+        for dy in (0.55, -0.55):
+            arrow(ax, (1.4, y), (1.85, y + dy))
+        for x0, x1 in join:
+            arrow(ax, (x0, y), (x1, y))
+        skip(y)
+
+    y = 4.1
+    box(ax, 2.7, y + 0.55, 1.7, 0.6, "avg pool (H, W)\nC x 1 x 1", size=8.5)
+    box(ax, 2.7, y - 0.55, 1.7, 0.6, "max pool (H, W)\nC x 1 x 1", size=8.5)
+    for dy in (0.55, -0.55):
+        arrow(ax, (3.55, y + dy), (4.05, y + dy * 0.5))
+        arrow(ax, (5.95, y + dy * 0.5), (6.35, y + dy * 0.2))
+    row(y, "channel attention",
+        [(0.8, 1.2, 0.8, "F\nC x H x W"), (5.0, 1.9, 1.0, "shared MLP\nC -> C/r -> C"),
+         (6.6, 0.5, 0.5, "+"), (8.0, 1.5, 0.8, "sigmoid\nM_c: C x 1 x 1"),
+         (9.5, 0.5, 0.5, "x"), (11.0, 1.3, 0.8, "F'\nC x H x W")],
+        [(6.85, 7.25), (8.75, 9.25), (9.75, 10.35)])
+
+    y = 1.3
+    box(ax, 2.7, y + 0.55, 1.7, 0.6, "mean over C\n1 x H x W", size=8.5)
+    box(ax, 2.7, y - 0.55, 1.7, 0.6, "max over C\n1 x H x W", size=8.5)
+    for dy in (0.55, -0.55):
+        arrow(ax, (3.55, y + dy), (4.05, y + dy * 0.4))
+    row(y, "spatial attention",
+        [(0.8, 1.2, 0.8, "F'\nC x H x W"), (4.6, 1.1, 0.8, "concat\n2 x H x W"),
+         (6.2, 1.5, 0.8, "7x7 conv, BN\n1 x H x W"),
+         (8.0, 1.5, 0.8, "sigmoid\nM_s: 1 x H x W"), (9.5, 0.5, 0.5, "x"),
+         (11.0, 1.3, 0.8, "F''\nC x H x W")],
+        [(5.15, 5.45), (6.95, 7.25), (8.75, 9.25), (9.75, 10.35)])
+
+    fig.savefig(path, metadata={"Date": None})
+    plt.close(fig)
+
+
 def main() -> None:
     resnet_skeleton(HERE / "resnet_skeleton.svg")
     resnext_forms(HERE / "resnext_forms.svg")
     sk_convolution(HERE / "sk_convolution.svg")
     se_block(HERE / "se_block.svg")
+    cbam_modules(HERE / "cbam_modules.svg")
 
 
 if __name__ == "__main__":

@@ -1591,11 +1591,8 @@ class ChannelAttention(nn.Module):
                 f"channels={channels}, reduction={reduction}"
             )
         pools = tuple(pools)
-        if (
-            not pools
-            or len(set(pools)) != len(pools)
-            or not set(pools) <= {"avg", "max"}
-        ):
+        distinct = len(set(pools)) == len(pools)
+        if not pools or not distinct or not set(pools) <= {"avg", "max"}:
             raise ValueError(
                 f"pools must be distinct names of 'avg', 'max', got pools={pools!r}"
             )
@@ -1620,9 +1617,8 @@ class ChannelAttention(nn.Module):
         x_attn = self.fc1(x_pool)
         x_attn = self.act(x_attn)
         x_attn = self.fc2(x_attn)  # one MLP call
-        x_attn = x_attn.view(len(self.pools), batch, channels).sum(
-            dim=0
-        )  # Z_avg + Z_max
+        x_attn = x_attn.view(len(self.pools), batch, channels)
+        x_attn = x_attn.sum(dim=0)  # Z_avg + Z_max
         return self.gate(x_attn).view(batch, channels, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1677,7 +1673,7 @@ class SpatialAttention(nn.Module):
         )
         if self.conv.bias is not None:
             nn.init.zeros_(self.conv.bias)
-        if isinstance(self.bn, nn.modules.batchnorm._NormBase) and self.bn.affine:
+        if isinstance(self.bn, nn.BatchNorm2d) and self.bn.affine:
             nn.init.zeros_(self.bn.weight)
             nn.init.zeros_(self.bn.bias)
 
