@@ -115,7 +115,9 @@ def main() -> int:
     table: dict[str, dict[str, str]] = {name: {} for name in names}
     failures = 0
     for config in config_names:
+        # As `make` does: OpenMP threads that spin while they wait stall a busy machine.
         env = dict(os.environ, **configs[config])
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         for name in names:
             command = [sys.executable, __file__, "--run", str(chapters[name])]
             command += ["--timeout", str(args.timeout)]
