@@ -10,7 +10,7 @@ and count. The table is printed and written into the package,
 ``notebooks/cnnbook/benchmarks/DEVICE.csv``, where the closing chapter reads it (with
 ``importlib.resources``, so it is found from a clone and from an installed module alike). Its
 header names the device, the date, the versions, the command, and the hash of the module's
-source (``cnnbook.module_hash``): the chapter refuses a table measured with other code.
+code (``cnnbook.networks_hash``): the chapter refuses a table measured with other code.
 
 On the CPU the networks run in float32, on a small input (2 images of 112x112, where launching
 operators weighs) and in the papers' setting (224x224, a batch that keeps every core busy). On
@@ -97,6 +97,8 @@ PAIRS: dict[str, tuple[str, str, Callable[[], nn.Module]]] = {
     "ResNeSt-50": ("resnest50", "timm resnest50d", timm_model("resnest50d")),
     "CBAM-ResNet-50": ("cbam_resnet50", "timm resnet50 + cbam", timm_cbam_resnet50),
 }
+# The table records a hash of these networks' code, in the closing chapter's order.
+BOOK_BUILDERS = [getattr(cnnbook, book) for book, _, _ in PAIRS.values()]
 
 FIELDS = [
     "network",
@@ -325,8 +327,8 @@ def write_table(
         f"date: {datetime.date.today().isoformat()}",
         f"versions: torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"timm {timm.__version__}, Python {platform.python_version()}",
-        f"module: cnnbook {cnnbook.module_hash()} (cnnbook.module_hash(): SHA-256 of "
-        "notebooks/cnnbook/__init__.py, first 16 hex digits)",
+        f"networks: {cnnbook.networks_hash(BOOK_BUILDERS)} (cnnbook.networks_hash(): "
+        "SHA-256 of the networks' code, first 16 hex digits)",
         f"command: {command}",
         f"timing: torch.utils.benchmark on {threads} threads, the two models interleaved in "
         f"{args.rounds} rounds of {args.min_run_time / args.rounds:.2f} s each (at least one "

@@ -1755,12 +1755,26 @@ def cbam_resnet50(
 # -------------------- notebooks/comparison.md --------------------
 
 
-def module_hash() -> str:
-    """The first 16 hex digits of the SHA-256 of this module's source,
-    ``cnnbook/__init__.py`` (line ends normalised). A benchmark table records it, so
-    a table measured with other code is recognised as stale."""
-    source = (importlib.resources.files("cnnbook") / "__init__.py").read_text()
-    return hashlib.sha256(source.replace("\r\n", "\n").encode()).hexdigest()[:16]
+def networks_hash(builders: Iterable[Callable[..., nn.Module]]) -> str:
+    """The first 16 hex digits of a SHA-256 of the code of the networks built.
+
+    For each builder: its source, the printed structure of the network it builds
+    (every layer with its configuration) and the source of every class of the
+    module ``cnnbook`` in it. A benchmark table records it: a change to how one of
+    the networks is built or computes makes the table stale; a change elsewhere in
+    the module does not.
+    """
+    digest = hashlib.sha256()
+    for build in builders:
+        with torch.device("meta"):
+            model = build()
+        classes = {type(m) for m in model.modules()}
+        sources = sorted(
+            inspect.getsource(c) for c in classes if c.__module__ == "cnnbook"
+        )
+        for part in [inspect.getsource(build), repr(model), *sources]:
+            digest.update(part.encode())
+    return digest.hexdigest()[:16]
 
 
 class StepProfile(NamedTuple):
