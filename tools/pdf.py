@@ -1,0 +1,278 @@
+"""The PDF edition: `make pdf` writes _build/pdf/cnn-blocks-book.pdf.
+
+The route: Sphinx builds the book once more as a single HTML page (the `singlehtml` builder,
+with the book's own configuration) from the chapters the last `make book` executed, which the
+execution cache (_build/.jupyter_cache) holds; a chapter missing from the cache stops the
+build instead of being executed again. The headless Chromium that the page tests use opens the
+page from a loopback server with the network cut off, waits until MathJax has typeset every
+equation, lays the page out for print (book/_static/pdf.css, and a script that adds the title
+page and the contents, opens the exercises' solutions and moves them to the end of their
+chapter) and prints it. The contents list page numbers: the first print tells on which page
+each chapter and section starts (the PDF's outline), and a second print fills them in.
+
+The PDF is also copied into _build/html, where the introduction's download link finds it. A
+report of what the page held before printing (_build/pdf/report.json: chapters, their figures,
+anything wider than the page) is what tests/test_pdf.py checks besides the PDF itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import io
+import json
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "_build"
+CACHE = BUILD / ".jupyter_cache"
+OUT = BUILD / "pdf"
+SINGLE = OUT / "singlehtml"
+PDF = OUT / "cnn-blocks-book.pdf"
+REPORT = OUT / "report.json"
+HTML_COPY = BUILD / "html" / PDF.name
+CSS = ROOT / "book" / "_static" / "pdf.css"
+PREPARE = Path(__file__).with_name("pdf_prepare.js")
+# A4 with the margins of book/_static/pdf.css: the width the page is measured at before it is
+# printed, in CSS pixels (96 per inch), so that what overflows there overflows on paper.
+PAGE_WIDTH_MM = 210
+MARGIN_MM = 18
+MM = 96 / 25.4
+TIMEOUT_MS = 180_000
+SUBTITLE = "Modern convolutional networks built block by block in PyTorch"
+
+sys.path.insert(0, str(ROOT / "tests"))
+from chromium import FLAGS, find_chromium  # noqa: E402
+
+
+class NotExecuted(RuntimeError):
+    """A chapter is not in the execution cache of the last `make book`."""
+
+
+def refuse_execution(notebook: Any, *args: Any, **kwargs: Any) -> None:
+    """Stand in for MyST-NB's executor: the PDF prints what `make book` executed."""
+    raise NotExecuted(
+        "a chapter is not in the execution cache of the last `make book` (it changed since, or "
+        "the book build failed on it): run `make book` first")
+
+
+def build_single_html() -> None:
+    """Build the book as one HTML page into _build/pdf/singlehtml, from the executed cache."""
+    from jupyter_book.config import get_final_config
+    from jupyter_book.sphinx import build_sphinx
+    from myst_nb.core.execute import cache
+
+    if not CACHE.is_dir():
+        sys.exit(f"{CACHE.relative_to(ROOT)} is missing: run `make book` first")
+    # MyST-NB executes a chapter that the cache does not hold: refuse, so that the PDF shows
+    # the outputs of the build the HTML book comes from, and never runs a chapter twice.
+    cache.single_nb_execution = refuse_execution
+    # What `jupyter-book build` sets, the cache of `make book` (MyST-NB would look beside this
+    # build's own folder), and this module as an extension (setup below).
+    overrides: dict[str, Any] = {"external_toc_path": "_toc.yml", "latex_individualpages": False,
+                                 "nb_execution_cache_path": str(CACHE)}
+    config, _ = get_final_config(user_yaml=ROOT / "_config.yml", cli_config=dict(overrides),
+                                 sourcedir=ROOT)
+    overrides["extensions"] = [*config["extensions"], Path(__file__).stem]
+    # Its own doctrees: the HTML build's saved environment stays as that build left it.
+    status = build_sphinx(
+        ROOT, SINGLE, doctreedir=OUT / ".doctrees", path_config=str(ROOT / "_config.yml"),
+        noconfig=True, confoverrides=overrides, builder="singlehtml", quiet=True,
+        keep_going=True)
+    if status != 0:
+        sys.exit(f"the single-page build failed ({status})")
+    # The builder writes the page at the root document's path (book/intro.html) but links its
+    # assets as if it were at the top: it is read from there.
+    root = yaml.safe_load((ROOT / "_toc.yml").read_text())["root"]
+    shutil.copyfile(SINGLE / f"{root}.html", SINGLE / "index.html")
+
+
+def book_parts() -> dict[str, Any]:
+    """The title page's lines and the book's parts with their documents, from the config."""
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    parts = [{"caption": None, "chapters": [{"doc": toc["root"]}]}]
+    for part in toc["parts"]:
+        parts.append({"caption": part.get("caption"),
+                      "chapters": [{"doc": chapter["file"]} for chapter in part["chapters"]]})
+    return {"title": config["title"], "subtitle": SUBTITLE, "date": time.strftime("%B %Y"),
+            "parts": parts}
+
+
+def setup(app: Any) -> dict[str, bool]:
+    """Sphinx extension for the single-page build (added by build_single_html only)."""
+    app.connect("builder-inited", share_html_handlers)
+    return {"parallel_read_safe": True}
+
+
+def share_html_handlers(app: Any) -> None:
+    """Give the singlehtml builder the HTML handlers of every extension's nodes.
+
+    Sphinx looks a node's handlers up by builder name and falls back on the format (html)
+    only when no extension registered any for the name; sphinx-exercise registers its
+    nodes for singlehtml, and the nodes of the other extensions become unknown there.
+    """
+    handlers = app.registry.translation_handlers
+    for node, pair in handlers.get("html", {}).items():
+        handlers.setdefault("singlehtml", {}).setdefault(node, pair)
+
+
+@contextmanager
+def serve(folder: Path) -> Iterator[str]:
+    """Serve a folder on a loopback port, as a web server would; yields its base URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def print_book(base: str) -> dict[str, Any]:
+    """Open the single page, lay it out for print and print it twice (contents' page numbers)."""
+    from playwright.sync_api import sync_playwright
+
+    width = round((PAGE_WIDTH_MM - 2 * MARGIN_MM) * MM)
+    blocked: list[str] = []
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=find_chromium(), args=FLAGS)
+        context = browser.new_context(
+            viewport={"width": width, "height": 1000}, color_scheme="light")
+
+        def route(request_route: Any) -> None:
+            if request_route.request.url.startswith(base):
+                request_route.continue_()
+            else:
+                blocked.append(request_route.request.url)
+                request_route.abort()
+
+        context.route("**/*", route)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.emulate_media(media="print")
+        page.goto(base + "index.html", wait_until="load")
+        page.wait_for_function("() => window.MathJax?.startup?.promise")
+        page.evaluate("() => MathJax.startup.promise")
+        lap("typeset")
+        page.add_style_tag(content=CSS.read_text())
+        report = page.evaluate(PREPARE.read_text(), book_parts())
+        lap("layout")
+        options = {"prefer_css_page_size": True, "print_background": True,
+                   "outline": True, "tagged": True}
+        first = outline_pages(page.pdf(**options))
+        lap("first print")
+        if len(first) != len(report["headings"]):
+            sys.exit(f"the outline has {len(first)} entries for {len(report['headings'])} "
+                     "headings: the contents' page numbers cannot be read from it")
+        page.evaluate("pages => window.pdfSetPageNumbers(pages)", [p for _, p in first])
+        printed = page.pdf(**options)
+        lap("second print")
+        browser.close()
+    second = outline_pages(printed)
+    report["outline_pages"] = [p for _, p in second]
+    report["contents_pages"] = [first[index][1] for index in report["contents"]]
+    write_pdf(printed, report["headings"])
+    lap("outline")
+    report["blocked"] = blocked
+    report["errors"] = errors
+    report["seconds"] = seconds
+    return report
+
+
+def outline_pages(pdf: bytes) -> list[tuple[str, int]]:
+    """Each outline entry's title and the page (1-based) it starts on, in document order."""
+    from pypdf import PdfReader
+
+    reader = PdfReader(io.BytesIO(pdf))
+    entries: list[tuple[str, int]] = []
+
+    def walk(items: list[Any]) -> None:
+        for item in items:
+            if isinstance(item, list):
+                walk(item)
+            else:
+                entries.append((item.title, reader.get_destination_page_number(item) + 1))
+
+    walk(reader.outline)
+    return entries
+
+
+def write_pdf(printed: bytes, headings: list[str]) -> None:
+    """Write the PDF with the headings' own text as the outline's titles.
+
+    Chromium takes a bookmark's title from the heading's text as laid out, and repeats it for
+    a heading at the top of a page ("1. 1. Basics...Basics..."); the entries are in the
+    headings' order, one each.
+    """
+    from pypdf import PdfWriter
+    from pypdf.generic import NameObject, TextStringObject
+
+    writer = PdfWriter(io.BytesIO(printed), incremental=True)
+    titles = iter(headings)
+
+    def walk(item: Any) -> None:
+        while item is not None:
+            item = item.get_object()
+            item[NameObject("/Title")] = TextStringObject(next(titles))
+            walk(item.get("/First"))
+            item = item.get("/Next")
+
+    walk(writer.root_object["/Outlines"].get_object().get("/First"))
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    writer.add_metadata({"/Title": config["title"], "/Author": config["author"],
+                         "/Subject": SUBTITLE})
+    with PDF.open("wb") as file:
+        writer.write(file)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--print-only", action="store_true",
+                        help="print the existing single page again, without building it")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not args.print_only:
+        build_single_html()
+    built = round(time.perf_counter() - started, 1)
+    with serve(SINGLE) as base:
+        report = print_book(base)
+    report["seconds"] = {"build": built, **report["seconds"]}
+    REPORT.write_text(json.dumps(report, indent=1))
+    if (BUILD / "html").is_dir():
+        shutil.copyfile(PDF, HTML_COPY)
+    print(f"{PDF.relative_to(ROOT)}: {report['seconds']} s")
+    if report["blocked"] or report["errors"]:
+        sys.exit(f"the page needed the network or failed: {report['blocked'] + report['errors']}")
+
+
+if __name__ == "__main__":
+    main()
