@@ -88,6 +88,10 @@ async ({title, subtitle, date, parts}) => {
     const doc = path.replace(/^\/+/, '').replace(/\.html$/, '');
     return docs.includes(doc) ? doc : null;
   };
+  // The introduction's link to the PDF edition points at the PDF itself: its text stays.
+  for (const link of book.querySelectorAll('a[href$="cnn-blocks-book.pdf"]')) {
+    link.replaceWith(...link.childNodes);
+  }
   const targets = new Map();
   const broken = [];
   for (const link of book.querySelectorAll('a[href]')) {
@@ -226,7 +230,15 @@ async ({title, subtitle, date, parts}) => {
     chapters: chapters.map(chapter => ({
       doc: chapter.dataset.doc,
       title: chapter.querySelector('h1').textContent.trim(),
-      figures: chapter.querySelectorAll('figure img, figure svg').length,
+      // A figure's image, loaded and laid out at a readable size, with its number.
+      figures: [...chapter.querySelectorAll('figure')].map(figure => {
+        const image = figure.querySelector('img');
+        return {
+          number: figure.querySelector('.caption-number')?.textContent.trim() || '',
+          drawn: Boolean(image && image.complete && image.naturalWidth > 0
+                         && image.getBoundingClientRect().height > 40),
+        };
+      }),
       svg_images: [...chapter.querySelectorAll('img')].filter(
         image => /\.svg$/.test(image.src)).length,
       images: chapter.querySelectorAll('img').length,
