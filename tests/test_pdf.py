@@ -2,9 +2,9 @@
 
 Runs on the output of `make pdf` (which `make test` runs after the book build), and on the
 report tools/pdf.py wrote of the page it printed. Checks: a plausible page count; an outline
-with every chapter of `_toc.yml`, each at the page the contents give; every chapter's title in
-the text and no matplotlib placeholder ("<Figure size") or TeX source left; each chapter's
-figures drawn on its pages; no code line or output cut at the margin; the exercises' solutions
+with every chapter of `_toc.yml` and every heading; contents whose page numbers are the
+outline's; every chapter's title in the text and no matplotlib placeholder ("<Figure size")
+or TeX source left; each chapter's figures drawn on its pages; no code line or output cut at the margin; the exercises' solutions
 there; the HTML book's link to the PDF. Every page is rendered to PNG under
 `_build/screenshots/pdf/` (poppler's pdftoppm), to be looked at.
 """
@@ -109,13 +109,34 @@ def test_outline_lists_every_chapter(report: dict[str, Any],
         assert titles[doc].startswith(f"{number}. "), "numbered as in the HTML book"
 
 
+def test_outline_is_every_heading(report: dict[str, Any],
+                                  outline: list[tuple[str, int, int]]) -> None:
+    """The outline is the page's headings, each at the page Chromium placed it on."""
+    assert [(title, depth) for title, _, depth in outline] == [
+        (heading["title"], heading["depth"]) for heading in report["headings"]]
+    assert [page + 1 for _, page, _ in outline] == report["outline"]
+    pages = [page for _, page, _ in outline]
+    assert pages == sorted(pages), "headings in the order of their pages"
+
+
 def test_contents_page_numbers(report: dict[str, Any],
                                outline: list[tuple[str, int, int]]) -> None:
-    # The contents print the page of each entry found in a first print; the second print must
-    # put every heading on the same page.
-    indices = report["contents"]
-    assert [outline[index][1] + 1 for index in indices] == report["contents_pages"]
-    assert report["outline_pages"] == [page + 1 for _, page, _ in outline]
+    """Each contents line ends with the page that its heading's outline entry opens."""
+    pages = {heading["destination"]: page + 1
+             for heading, (_, page, _) in zip(report["headings"], outline, strict=True)}
+    titles = {heading["destination"]: normal(heading["title"]) for heading in report["headings"]}
+    first_chapter = outline[1][1]
+    text = subprocess.run(
+        [poppler("pdftotext"), "-layout", "-l", str(first_chapter), str(PDF), "-"],
+        check=True, timeout=60, capture_output=True, text=True).stdout
+    lines = [normal(line) for line in text.splitlines() if line.strip()]
+    position = 0
+    for entry in report["contents"]:
+        title, page = titles[entry["destination"]], pages[entry["destination"]]
+        found = [index for index in range(position, len(lines))
+                 if lines[index].startswith(title[:20]) and lines[index].endswith(f" {page}")]
+        assert found, f"contents: {title} ... {page}"
+        position = found[0] + 1
 
 
 def test_text(report: dict[str, Any], pages_text: list[str]) -> None:

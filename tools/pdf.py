@@ -7,8 +7,9 @@ build instead of being executed again. The headless Chromium that the page tests
 page from a loopback server with the network cut off, waits until MathJax has typeset every
 equation, lays the page out for print (book/_static/pdf.css, and a script that adds the title
 page and the contents, opens the exercises' solutions and moves them to the end of their
-chapter) and prints it. The contents list page numbers: the first print tells on which page
-each chapter and section starts (the PDF's outline), and a second print fills them in.
+chapter) and prints it once. Chromium marks the place of every heading (a named destination);
+from those, pypdf adds the outline (bookmarks) and writes each contents entry's page number into
+the space the entry keeps for it, without reading the pages' content.
 
 The PDF is also copied into _build/html, where the introduction's download link finds it. A
 report of what the page held before printing (_build/pdf/report.json: chapters, their figures,
@@ -22,6 +23,7 @@ import functools
 import http.server
 import io
 import json
+import logging
 import shutil
 import sys
 import threading
@@ -146,8 +148,8 @@ def serve(folder: Path) -> Iterator[str]:
         server.server_close()
 
 
-def print_book(base: str) -> dict[str, Any]:
-    """Open the single page, lay it out for print and print it twice (contents' page numbers)."""
+def print_book(base: str) -> tuple[bytes, dict[str, Any]]:
+    """Open the single page, lay it out for print and print it; the PDF and the page's report."""
     from playwright.sync_api import sync_playwright
 
     width = round((PAGE_WIDTH_MM - 2 * MARGIN_MM) * MM)
@@ -185,67 +187,105 @@ def print_book(base: str) -> dict[str, Any]:
         page.add_style_tag(content=CSS.read_text())
         report = page.evaluate(PREPARE.read_text(), book_parts())
         lap("layout")
-        options = {"prefer_css_page_size": True, "print_background": True,
-                   "outline": True, "tagged": True}
-        first = outline_pages(page.pdf(**options))
-        lap("first print")
-        if len(first) != len(report["headings"]):
-            sys.exit(f"the outline has {len(first)} entries for {len(report['headings'])} "
-                     "headings: the contents' page numbers cannot be read from it")
-        page.evaluate("pages => window.pdfSetPageNumbers(pages)", [p for _, p in first])
-        printed = page.pdf(**options)
-        lap("second print")
+        # Untagged: Chromium's tagged PDF adds a structure element for every laid-out box
+        # (MathJax draws an equation with dozens), 13 of the 18 MB and much of the time, and
+        # its own outline repeats a title that a page break splits.
+        printed = page.pdf(prefer_css_page_size=True, print_background=True, tagged=False,
+                           outline=False)
+        lap("print")
         browser.close()
-    second = outline_pages(printed)
-    report["outline_pages"] = [p for _, p in second]
-    report["contents_pages"] = [first[index][1] for index in report["contents"]]
-    write_pdf(printed, report["headings"])
-    lap("outline")
     report["blocked"] = blocked
     report["errors"] = errors
     report["seconds"] = seconds
-    return report
+    return printed, report
 
 
-def outline_pages(pdf: bytes) -> list[tuple[str, int]]:
-    """Each outline entry's title and the page (1-based) it starts on, in document order."""
-    from pypdf import PdfReader
-
-    reader = PdfReader(io.BytesIO(pdf))
-    entries: list[tuple[str, int]] = []
-
-    def walk(items: list[Any]) -> None:
-        for item in items:
-            if isinstance(item, list):
-                walk(item)
-            else:
-                entries.append((item.title, reader.get_destination_page_number(item) + 1))
-
-    walk(reader.outline)
-    return entries
+# The contents' page numbers: Helvetica, one of the fonts every PDF reader has (its digits are
+# all 0.556 em wide), at the size of the contents' lines (pdf.css), bold for a chapter.
+NUMBER_FONTS = {0: ("/PdfNumberBold", "/Helvetica-Bold", 10.0),
+                1: ("/PdfNumber", "/Helvetica", 9.0)}
+DIGIT_EM = 0.556
+LINE_HEIGHT = 1.45
 
 
-def write_pdf(printed: bytes, headings: list[str]) -> None:
-    """Write the PDF with the headings' own text as the outline's titles.
+def write_pdf(printed: bytes, report: dict[str, Any]) -> None:
+    """Write the PDF with its outline, the contents' page numbers and the book's metadata.
 
-    Chromium takes a bookmark's title from the heading's text as laid out, and repeats it for
-    a heading at the top of a page ("1. 1. Basics...Basics..."); the entries are in the
-    headings' order, one each.
+    Every heading has a named destination (its page and height) and every contents entry a
+    link box for its number; report["outline"] and report["contents_pages"] say what was
+    written, for the test to compare with the PDF it reads back.
     """
-    from pypdf import PdfWriter
-    from pypdf.generic import NameObject, TextStringObject
+    from pypdf import PdfReader, PdfWriter
+    from pypdf.generic import ArrayObject, DecodedStreamObject, DictionaryObject, Fit, NameObject
 
-    writer = PdfWriter(io.BytesIO(printed), incremental=True)
-    titles = iter(headings)
+    # Skia's cross-reference table counts fewer objects than it holds, which pypdf reads
+    # correctly but reports on every run.
+    logging.getLogger("pypdf._reader").setLevel(logging.ERROR)
+    reader = PdfReader(io.BytesIO(printed))
+    places = {name.lstrip("/"): (reader.get_destination_page_number(dest), dest.top)
+              for name, dest in reader.named_destinations.items()}
+    writer = PdfWriter(clone_from=reader)
+    missing = [h["destination"] for h in report["headings"] if h["destination"] not in places]
+    if missing:
+        sys.exit(f"headings without a place in the PDF: {missing}")
+    parents: dict[int, Any] = {}
+    for heading in report["headings"]:
+        index, top = places[heading["destination"]]
+        parents = {depth: item for depth, item in parents.items() if depth < heading["depth"]}
+        parents[heading["depth"]] = writer.add_outline_item(
+            title=heading["title"], page_number=index, parent=parents.get(heading["depth"] - 1),
+            fit=Fit.xyz(top=top), is_open=False)
+    writer.page_mode = "/UseOutlines"
 
-    def walk(item: Any) -> None:
-        while item is not None:
-            item = item.get_object()
-            item[NameObject("/Title")] = TextStringObject(next(titles))
-            walk(item.get("/First"))
-            item = item.get("/Next")
+    # The number boxes: on the pages before the first chapter, the link boxes of each entry's
+    # destination; the number's is the last (rightmost) of them.
+    first_chapter = places[report["headings"][1]["destination"]][0]
+    boxes: dict[str, tuple[int, list[float]]] = {}
+    for index in range(first_chapter):
+        for annotation in reader.pages[index].get("/Annots") or []:
+            annotation = annotation.get_object()
+            name = str(annotation.get("/Dest", "")).lstrip("/")
+            rect = [float(value) for value in annotation["/Rect"]]
+            if name and (name not in boxes or rect[2] >= boxes[name][1][2]):
+                boxes[name] = (index, rect)
+    stamps: dict[int, list[str]] = {}
+    pages = []
+    for entry in report["contents"]:
+        index, (left, bottom, right, top) = boxes[entry["destination"]]
+        font, _, size = NUMBER_FONTS[entry["depth"]]
+        number = str(places[entry["destination"]][0] + 1)
+        # Right-aligned in the box, on the line's baseline: the line box is 1.45 em high and
+        # the baseline sits 0.38 em above its foot (Liberation Sans, the text's font).
+        x = right - len(number) * DIGIT_EM * size
+        y = bottom + (top - bottom - LINE_HEIGHT * size) / 2 + 0.38 * size
+        stamps.setdefault(index, []).append(
+            f"BT {font} {size:g} Tf {x:.2f} {y:.2f} Td ({number}) Tj ET")
+        pages.append(int(number))
+    fonts = {font: DictionaryObject({
+        NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
+        NameObject("/BaseFont"): NameObject(base),
+        NameObject("/Encoding"): NameObject("/WinAnsiEncoding")})
+        for font, base, _ in NUMBER_FONTS.values()}
+    for index, lines in stamps.items():
+        page = writer.pages[index]
+        resources = page["/Resources"].get_object()
+        page_fonts = resources.setdefault(NameObject("/Font"), DictionaryObject()).get_object()
+        for name, font in fonts.items():
+            page_fonts[NameObject(name)] = writer._add_object(font)
+        # The page's own drawing runs in a saved graphics state, so the numbers are drawn in
+        # the page's default coordinates (points from its lower left corner).
+        streams = []
+        for data in ("q", "Q\n0 g\n" + "\n".join(lines)):
+            stream = DecodedStreamObject()
+            stream.set_data(data.encode())
+            streams.append(writer._add_object(stream))
+        contents = page.raw_get("/Contents")
+        contents = list(contents.get_object()) if isinstance(
+            contents.get_object(), ArrayObject) else [contents]
+        page[NameObject("/Contents")] = ArrayObject([streams[0], *contents, streams[1]])
+    report["outline"] = [places[h["destination"]][0] + 1 for h in report["headings"]]
+    report["contents_pages"] = pages
 
-    walk(writer.root_object["/Outlines"].get_object().get("/First"))
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     writer.add_metadata({"/Title": config["title"], "/Author": config["author"],
                          "/Subject": SUBTITLE})
@@ -264,7 +304,10 @@ def main() -> None:
         build_single_html()
     built = round(time.perf_counter() - started, 1)
     with serve(SINGLE) as base:
-        report = print_book(base)
+        printed, report = print_book(base)
+    clock = time.perf_counter()
+    write_pdf(printed, report)
+    report["seconds"]["outline"] = round(time.perf_counter() - clock, 1)
     report["seconds"] = {"build": built, **report["seconds"]}
     REPORT.write_text(json.dumps(report, indent=1))
     if (BUILD / "html").is_dir():

@@ -14,6 +14,9 @@ async ({title, subtitle, date, parts}) => {
   const sections = Object.fromEntries(docs.map(doc => [doc, sectionOf(doc)]));
   const missing = docs.filter(doc => !sections[doc] && doc !== root);
   sections[root] = article.querySelector('section');
+  // The root page is titled as the book, which the title page already shows: in print it is
+  // the introduction.
+  sections[root].querySelector('h1').textContent = 'Introduction';
 
   // The chapters leave the root page they are nested in, one <div class="pdf-chapter"> each,
   // in the order of _toc.yml, after a title page and the contents.
@@ -152,8 +155,23 @@ async ({title, subtitle, date, parts}) => {
     chapter.querySelector(':scope > section').append(section);
   }
 
-  // The contents: every chapter (h1) and section (h2), under the captions of _toc.yml's parts,
-  // each with an empty page number that pdfSetPageNumbers fills in after the first print.
+  // Every heading's place in the PDF: Chromium writes a named destination (page and height)
+  // for each element that a link of the page points at, even a link that is not displayed.
+  // tools/pdf.py builds the outline (bookmarks) from them, and writes the contents' page
+  // numbers into the space each entry keeps for it: one print, no second layout.
+  const targetOf = heading => (heading.id ? heading : heading.closest('section'));
+  const headings = [...book.querySelectorAll('h1, h2, h3, h4, h5, h6')];
+  const destinations = document.createElement('nav');
+  destinations.hidden = true;
+  for (const heading of headings) {
+    const link = document.createElement('a');
+    link.href = `#${targetOf(heading).id}`;
+    destinations.append(link);
+  }
+  book.append(destinations);
+
+  // The contents: every chapter (h1) and section (h2), under the captions of _toc.yml's parts;
+  // the page number is a link of its own, a box of fixed width at the end of the line.
   for (const part of parts) {
     const caption = document.createElement('p');
     caption.className = 'pdf-part';
@@ -163,14 +181,16 @@ async ({title, subtitle, date, parts}) => {
       const chapter = chapters.find(c => c.dataset.doc === doc);
       if (!chapter) continue;
       for (const heading of chapter.querySelectorAll('h1, h2')) {
-        const section = heading.closest('section');
+        const target = `#${targetOf(heading).id}`;
         const item = document.createElement('li');
         item.className = `pdf-toc-${heading.tagName.toLowerCase()}`;
         const link = document.createElement('a');
-        link.href = `#${section.id}`;
+        link.href = target;
         link.textContent = heading.textContent.trim();
-        const number = document.createElement('span');
+        const number = document.createElement('a');
         number.className = 'pdf-page-number';
+        number.href = target;
+        number.textContent = '\u00a0';
         item.append(link, number);
         list.append(item);
       }
@@ -178,15 +198,6 @@ async ({title, subtitle, date, parts}) => {
     if (part.caption) contents.append(caption);
     contents.append(list);
   }
-  const headings = [...book.querySelectorAll('h1, h2, h3, h4, h5, h6')];
-  window.pdfSetPageNumbers = pages => {
-    // pages: the page each heading starts on, in document order (the first print's outline).
-    for (const item of contents.querySelectorAll('li')) {
-      const id = item.querySelector('a').getAttribute('href').slice(1);
-      const heading = document.getElementById(id).querySelector('h1, h2, h3, h4, h5, h6');
-      item.querySelector('.pdf-page-number').textContent = pages[headings.indexOf(heading)];
-    }
-  };
 
   // Images load before printing (a lazy image would print empty).
   await Promise.all([...document.images].map(image => {
@@ -221,12 +232,17 @@ async ({title, subtitle, date, parts}) => {
     if (/\$\$|\\\(|\\\[|\\begin\{/.test(node.textContent)) raw.push(node.textContent.slice(0, 60));
   }
   return {
-    headings: headings.map(heading => heading.textContent.replace(/\s+/g, ' ').trim()),
-    contents: [...contents.querySelectorAll('li a')].map(link => {
-      const heading = document.getElementById(link.getAttribute('href').slice(1))
-        .querySelector('h1, h2, h3, h4, h5, h6');
-      return headings.indexOf(heading);
-    }),
+    // Each heading's title, depth and destination, in document order (the outline).
+    headings: headings.map(heading => ({
+      title: heading.textContent.replace(/\s+/g, ' ').trim(),
+      depth: Number(heading.tagName[1]) - 1,
+      destination: targetOf(heading).id,
+    })),
+    // The contents' entries, in order: the destination and depth of each.
+    contents: [...contents.querySelectorAll('li')].map(item => ({
+      destination: item.querySelector('a').getAttribute('href').slice(1),
+      depth: item.classList.contains('pdf-toc-h1') ? 0 : 1,
+    })),
     chapters: chapters.map(chapter => ({
       doc: chapter.dataset.doc,
       title: chapter.querySelector('h1').textContent.trim(),
