@@ -42,6 +42,7 @@ OUT = BUILD / "pdf"
 SINGLE = OUT / "singlehtml"
 PDF = OUT / "cnn-blocks-book.pdf"
 REPORT = OUT / "report.json"
+EXECUTIONS = OUT / "executions.txt"
 HTML_COPY = BUILD / "html" / PDF.name
 CSS = ROOT / "book" / "_static" / "pdf.css"
 PREPARE = Path(__file__).with_name("pdf_prepare.js")
@@ -72,10 +73,18 @@ def build_single_html() -> None:
     """Build the book as one HTML page into _build/pdf/singlehtml, from the executed cache."""
     from jupyter_book.config import get_final_config
     from jupyter_book.sphinx import build_sphinx
+    from jupyter_cache import get_cache
     from myst_nb.core.execute import cache
 
     if not CACHE.is_dir():
         sys.exit(f"{CACHE.relative_to(ROOT)} is missing: run `make book` first")
+    # Sphinx re-reads a chapter whose source changed, not one that `make book` executed again
+    # (after a change to cnnbook, say): when the cache's executions differ from those this
+    # build read, every chapter is read again, so that no output is older than the HTML book's.
+    executions = "\n".join(sorted(f"{record.uri} {record.hashkey} {record.created}"
+                                  for record in get_cache(CACHE).list_cache_records()))
+    if not EXECUTIONS.is_file() or EXECUTIONS.read_text() != executions:
+        shutil.rmtree(OUT / ".doctrees", ignore_errors=True)
     # MyST-NB executes a chapter that the cache does not hold: refuse, so that the PDF shows
     # the outputs of the build the HTML book comes from, and never runs a chapter twice.
     cache.single_nb_execution = refuse_execution
@@ -93,6 +102,7 @@ def build_single_html() -> None:
         keep_going=True)
     if status != 0:
         sys.exit(f"the single-page build failed ({status})")
+    EXECUTIONS.write_text(executions)
     # The builder writes the page at the root document's path (book/intro.html) but links its
     # assets as if it were at the top: it is read from there.
     root = yaml.safe_load((ROOT / "_toc.yml").read_text())["root"]
@@ -212,8 +222,8 @@ def write_pdf(printed: bytes, report: dict[str, Any]) -> None:
     """Write the PDF with its outline, the contents' page numbers and the book's metadata.
 
     Every heading has a named destination (its page and height) and every contents entry a
-    link box for its number; report["outline"] and report["contents_pages"] say what was
-    written, for the test to compare with the PDF it reads back.
+    link box for its number. report["outline"] gets each heading's page, for the test to
+    compare with the outline it reads back.
     """
     from pypdf import PdfReader, PdfWriter
     from pypdf.generic import ArrayObject, DecodedStreamObject, DictionaryObject, Fit, NameObject
@@ -249,9 +259,8 @@ def write_pdf(printed: bytes, report: dict[str, Any]) -> None:
             if name and (name not in boxes or rect[2] >= boxes[name][1][2]):
                 boxes[name] = (index, rect)
     stamps: dict[int, list[str]] = {}
-    pages = []
     for entry in report["contents"]:
-        index, (left, bottom, right, top) = boxes[entry["destination"]]
+        index, (_, bottom, right, top) = boxes[entry["destination"]]
         font, _, size = NUMBER_FONTS[entry["depth"]]
         number = str(places[entry["destination"]][0] + 1)
         # Right-aligned in the box, on the line's baseline: the line box is 1.45 em high and
@@ -260,18 +269,17 @@ def write_pdf(printed: bytes, report: dict[str, Any]) -> None:
         y = bottom + (top - bottom - LINE_HEIGHT * size) / 2 + 0.38 * size
         stamps.setdefault(index, []).append(
             f"BT {font} {size:g} Tf {x:.2f} {y:.2f} Td ({number}) Tj ET")
-        pages.append(int(number))
-    fonts = {font: DictionaryObject({
+    fonts = {font: writer._add_object(DictionaryObject({
         NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
         NameObject("/BaseFont"): NameObject(base),
-        NameObject("/Encoding"): NameObject("/WinAnsiEncoding")})
+        NameObject("/Encoding"): NameObject("/WinAnsiEncoding")}))
         for font, base, _ in NUMBER_FONTS.values()}
     for index, lines in stamps.items():
         page = writer.pages[index]
         resources = page["/Resources"].get_object()
         page_fonts = resources.setdefault(NameObject("/Font"), DictionaryObject()).get_object()
         for name, font in fonts.items():
-            page_fonts[NameObject(name)] = writer._add_object(font)
+            page_fonts[NameObject(name)] = font
         # The page's own drawing runs in a saved graphics state, so the numbers are drawn in
         # the page's default coordinates (points from its lower left corner).
         streams = []
@@ -284,7 +292,6 @@ def write_pdf(printed: bytes, report: dict[str, Any]) -> None:
             contents.get_object(), ArrayObject) else [contents]
         page[NameObject("/Contents")] = ArrayObject([streams[0], *contents, streams[1]])
     report["outline"] = [places[h["destination"]][0] + 1 for h in report["headings"]]
-    report["contents_pages"] = pages
 
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     writer.add_metadata({"/Title": config["title"], "/Author": config["author"],
