@@ -15,7 +15,7 @@ STYLE := notebooks/cnnbook/book.mplstyle
 
 .DEFAULT_GOAL := help
 .PHONY: help setup book test notebooks format cnnbook check-cnnbook figures lint nbval standalone \
-	browser bench robust clean
+	browser pdf bench robust clean
 
 # PYTORCH=cpu installs PyTorch's CPU-only wheels (a few hundred MB) instead of the default ones,
 # which on Linux bring several GB of CUDA libraries: `make test PYTORCH=cpu`. Set it on the
@@ -110,7 +110,11 @@ browser: $(STAMP) ## Find a Chromium for the page tests, or install Playwright's
 	@$(PYTHON) tests/chromium.py || { echo "No Chromium found: installing Playwright's own"; \
 		$(PYTHON) -m playwright install chromium; }
 
-test: lint check-cnnbook book browser standalone ## Lint, check the module, build strictly, run the chapters, open every page
+# The PDF prints the chapters the last `make book` executed (its cache): it never runs them.
+pdf: $(STAMP) browser ## Print the book into _build/pdf/cnn-blocks-book.pdf (after make book)
+	$(PYTHON) tools/pdf.py
+
+test: lint check-cnnbook book browser standalone pdf ## Lint, check the module, build strictly, run the chapters, open every page, read the PDF
 	$(NBVAL_ENV) $(PYTHON) -m pytest $(NBVAL) $(wildcard tests)
 
 # Timings depend on the machine and take minutes, so `make test` does not run this. The table
