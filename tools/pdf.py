@@ -230,7 +230,7 @@ def write_pdf(printed: bytes, report: dict[str, Any]) -> None:
 
     # Skia's cross-reference table counts fewer objects than it holds, which pypdf reads
     # correctly but reports on every run.
-    logging.getLogger("pypdf._reader").setLevel(logging.ERROR)
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
     reader = PdfReader(io.BytesIO(printed))
     places = {name.lstrip("/"): (reader.get_destination_page_number(dest), dest.top)
               for name, dest in reader.named_destinations.items()}
