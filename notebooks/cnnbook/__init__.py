@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import itertools
@@ -863,6 +864,137 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of ``x`` that ``model``, in evaluation mode, classifies as ``y``."""
     with model_mode(model, training=False), cpu_threads(1 if x.is_cpu else None):
         return (model(x).argmax(dim=1) == y).float().mean().item()
+
+
+# Photographs that ship inside scikit-image (names in skimage.data) and scikit-learn
+# (load_sample_image). The test split's two are never seen in training.
+PHOTOS = {
+    "train": (
+        "astronaut",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+        "stereo_motorcycle",
+        "china.jpg",
+        "flower.jpg",
+    ),
+    "test": ("coffee", "chelsea"),
+}
+
+
+@functools.cache
+def load_photo(name: str, short_side: int = 128) -> torch.Tensor:
+    """A photograph of :data:`PHOTOS` as ``(3, H, W)`` in [0, 1], its shorter side
+    resized to ``short_side`` pixels."""
+    if name.endswith(".jpg"):
+        from sklearn.datasets import load_sample_image
+
+        pixels = load_sample_image(name)
+    else:
+        from skimage import data
+
+        pixels = getattr(data, name)()
+        if isinstance(pixels, tuple):  # stereo_motorcycle: (left, right, disparity)
+            pixels = pixels[0]
+    photo = torch.tensor(pixels).permute(2, 0, 1).float().div(255)
+    factor = short_side / min(photo.shape[1:])
+    small = nn.functional.interpolate(
+        photo[None], scale_factor=factor, mode="bilinear", antialias=True
+    )
+    return small[0].clamp(0, 1)
+
+
+def place(masks: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Stretch each mask over its box on a ``size`` x ``size`` canvas of zeros.
+
+    ``masks`` ``(B, 1, h, w)``, ``boxes`` ``(B, 4)`` as ``(top, left, height,
+    width)`` in pixels -> ``(B, 1, size, size)``. Bilinear: ``affine_grid`` maps
+    each pixel of the canvas into the mask's coordinates, ``grid_sample`` reads it.
+    """
+    top, left, height, width = boxes.to(masks.dtype).unbind(1)
+    theta = masks.new_zeros(len(masks), 2, 3)
+    theta[:, 0, 0] = size / width  # canvas x in [-1, 1] -> mask x in [-1, 1]
+    theta[:, 0, 2] = (size - 2 * left) / width - 1
+    theta[:, 1, 1] = size / height
+    theta[:, 1, 2] = (size - 2 * top) / height - 1
+    grid = nn.functional.affine_grid(
+        theta, [len(masks), 1, size, size], align_corners=False
+    )
+    placed = nn.functional.grid_sample(
+        masks, grid, padding_mode="border", align_corners=False
+    )
+    # Border padding smears the edge of the mask over the canvas: cut at the box.
+    rows = torch.arange(size, device=masks.device)
+    inside_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])
+    inside_cols = (rows >= left[:, None]) & (rows < (left + width)[:, None])
+    inside = inside_rows[:, :, None] & inside_cols[:, None, :]
+    return placed * inside[:, None]
+
+
+def objects_on_photos(
+    n: int,
+    size: int = 32,
+    scale: float | tuple[float, float] = (0.3, 0.6),
+    seed: int = 0,
+    split: str = "train",
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Handwritten digits painted on crops of real photographs.
+
+    Each image is a random square crop of a photograph of ``PHOTOS[split]``,
+    resized to ``size`` x ``size``, with a digit of the same split of
+    :func:`load_digits_split` painted on it at a random place, in a colour that
+    contrasts with the photograph under it. The digit's side is ``scale`` times
+    the image's (a pair: drawn uniformly between the two, per image).
+
+    Returns ``images`` ``(n, 3, size, size)`` in [0, 1], ``labels`` ``(n,)`` (the
+    digit) and ``boxes`` ``(n, 4)``, the digit's square as ``(top, left, height,
+    width)`` in pixels. The same arguments give the same images.
+    """
+    if split not in PHOTOS:
+        raise ValueError(f"split={split!r}: expected one of {sorted(PHOTOS)}")
+    low, high = (scale, scale) if isinstance(scale, int | float) else scale
+    if not 0 < low <= high <= 1 or round(low * size) < 4:
+        raise ValueError(f"scale={scale}: a side from 4 pixels to the image's")
+    check_positive(n=n, size=size)
+    from torchvision.ops import roi_align
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, *shape, generator=generator)
+
+    x_train, y_train, x_test, y_test = load_digits_split()
+    digits, classes = (x_train, y_train) if split == "train" else (x_test, y_test)
+    pick = torch.randint(len(digits), (n,), generator=generator)
+    # Background: a square crop of a quarter to all of a photograph's shorter side;
+    # roi_align averages 2x2 samples per output pixel, which tempers the aliasing.
+    names = PHOTOS[split]
+    photo = torch.randint(len(names), (n,), generator=generator)
+    crop, corner = uniform(0.25, 1.0), uniform(0.0, 1.0, 2)
+    images = torch.empty(n, 3, size, size)
+    for k, name in enumerate(names):
+        chosen = (photo == k).nonzero().flatten()
+        picture = load_photo(name)
+        side = crop[chosen] * min(picture.shape[1:])
+        x0 = corner[chosen, 0] * (picture.shape[2] - side)
+        y0 = corner[chosen, 1] * (picture.shape[1] - side)
+        rois = torch.stack([0 * side, x0, y0, x0 + side, y0 + side], dim=1)
+        images[chosen] = roi_align(
+            picture[None], rois, size, sampling_ratio=2, aligned=True
+        )
+    side = (uniform(low, high) * size).round()
+    top = (uniform(0.0, 1.0) * (size - side + 1)).floor()
+    left = (uniform(0.0, 1.0) * (size - side + 1)).floor()
+    boxes = torch.stack([top, left, side, side], dim=1).long()
+    alpha = place(digits[pick], boxes, size)  # the digit's ink: 0 paper, 1 ink
+    # Per channel, dark ink on a light photograph and light ink on a dark one.
+    under = (alpha * images).sum((2, 3)) / alpha.sum((2, 3)).clamp_min(1e-6)
+    shade = uniform(0.0, 0.25, 3)
+    ink = torch.where(under > 0.5, shade, 1 - shade)[:, :, None, None]
+    images = (1 - alpha) * images + alpha * ink
+    return images.to(device), classes[pick].to(device), boxes.to(device)
 
 
 # -------------------- notebooks/batch_norm.md --------------------
