@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import datetime
 import difflib
+import gc
 import inspect
 import json
 import math
@@ -860,6 +861,8 @@ def train(args: argparse.Namespace) -> None:
     autocast = torch.autocast(device.type, enabled=args.amp,
                               dtype=torch.float16 if device.type == "cuda"
                               else torch.bfloat16)
+    if __name__ == "__main__":     # a process of its own (python -m cnnbook.train):
+        gc.freeze()                # what is set up lives as long as the run too
     while step < last_step:
         epoch, done = divmod(step, steps_per_epoch)    # resumed: skip what is done
         stop = min(steps_per_epoch, last_step - epoch * steps_per_epoch)
@@ -1060,4 +1063,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # The process lives as long as the run: its modules' objects too. Move them out
+    # of the garbage collector's sight (train() freezes the set-up's, once built),
+    # so that its collections, and the last one at exit, skip them.
+    gc.freeze()
     main()
