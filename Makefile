@@ -50,6 +50,7 @@ notebooks: $(STAMP) ## Write notebooks/*.ipynb afresh from the MyST sources (.md
 # JupyterLab refuses a chapter whose .md is not in the form Jupytext writes once its .ipynb is
 # newer; tests/test_jupyter.py fails on such a chapter, and this rewrites it in that form.
 format: $(STAMP) ## Rewrite the chapters' .md in Jupytext's own form (metadata, spacing)
+	mkdir -p $(BUILD)
 	for chapter in $(CHAPTERS); do $(VENV)/bin/jupytext --quiet --to ipynb -o $(BUILD)/format.ipynb $$chapter \
 		&& $(VENV)/bin/jupytext --quiet --to md:myst -o $$chapter $(BUILD)/format.ipynb; done
 
