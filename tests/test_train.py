@@ -178,6 +178,7 @@ BAD_ARGUMENTS = [
     (["--model", "resnet5"], "did you mean 'resnet50'"),
     (["--data", "no/such/folder"], "--data 'no/such/folder': no such folder"),
     (["--test-only", "no/such.pt"], "--test-only 'no/such.pt': no such file"),
+    (["--data", "no/such.pt"], "--data 'no/such.pt': no such file"),
     (["--output-dir", __file__], "is not a folder"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
@@ -223,3 +224,30 @@ def test_bad_arguments_on_the_command_line(photos: Path, tmp_path: Path,
             train.main(arguments)
         assert exit_status.value.code == 2
         assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_tensors_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--data FILE.pt``: the tensors' own size, channels and classes; a file without the
+    tensors gets one line."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"x_train": torch.rand(32, 3, 12, 12, generator=generator),
+               "y_train": torch.arange(32) % 3,
+               "x_test": torch.rand(8, 3, 12, 12, generator=generator),
+               "y_test": torch.arange(8) % 3}
+    torch.save(tensors, tmp_path / "data.pt")
+    args = train.parse_args(["--data", str(tmp_path / "data.pt")], world_size=1)
+    assert args.image_size == 12
+    train_set, test_set, classes, channels = train.load_data(args.data, 12, 0)
+    assert (len(train_set), len(test_set), classes, channels) == (32, 8, 3, 3)
+    train.main(["--data", str(tmp_path / "data.pt"), "--model", "photo_resnet",
+                "--device", "cpu", "--batch-size", "16", "--epochs", "1",
+                "--output-dir", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["step"] == 2
+    torch.save({"x": tensors["x_train"]}, tmp_path / "wrong.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:
+        train.main(["--data", str(tmp_path / "wrong.pt"), "--device", "cpu"])
+    assert exit_status.value.code == 2
+    assert "expected a dict with the tensors x_train and y_train" in (
+        capsys.readouterr().err.splitlines()[-1])

@@ -185,7 +185,8 @@ def load_data(
     """The training and test sets, the number of classes and of image channels.
 
     ``data`` is ``digits`` (scikit-learn's 8x8 digits, 1 channel; the batches are
-    resized to ``image_size`` on the device) or a folder of class folders of images
+    resized to ``image_size`` on the device), a ``.pt`` file of tensors (see
+    :func:`load_tensors`; resized likewise) or a folder of class folders of images
     (torchvision's ImageFolder, in colour or, with ``channels=1``, in grey; random
     crops of ``image_size`` and flips for training, a centre crop for testing); a
     folder with ``train`` and ``val`` subfolders gives both sets.
@@ -193,6 +194,8 @@ def load_data(
     if data == "digits":
         x_train, y_train, x_test, y_test = cnnbook.load_digits_split()
         return TensorDataset(x_train, y_train), TensorDataset(x_test, y_test), 10, 1
+    if data.endswith(".pt"):
+        return load_tensors(data)
     root = Path(data)
     try:
         from torchvision import datasets, transforms
@@ -240,6 +243,28 @@ def load_data(
             channels)
 
 
+def read_tensors(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a ``--data`` file; ``ArgumentError`` if they are not there."""
+    saved = torch.load(path, weights_only=True, mmap=mmap)
+    if not isinstance(saved, dict) or not {"x_train", "y_train"} <= saved.keys():
+        raise ArgumentError(f"--data {path!r}: expected a dict with the tensors "
+                            "x_train and y_train (and x_test, y_test)")
+    return saved
+
+
+def load_tensors(path: str) -> tuple[Dataset, Dataset | None, int, int]:
+    """Data saved by ``torch.save({"x_train": images, "y_train": labels})``, with
+    ``x_test`` and ``y_test`` for a test set: images ``(N, C, H, W)``, labels
+    ``(N,)`` from 0. Returns what :func:`load_data` returns."""
+    saved = read_tensors(path)
+    x_train, y_train = saved["x_train"], saved["y_train"]
+    test_set = None
+    if "x_test" in saved:
+        test_set = TensorDataset(saved["x_test"], saved["y_test"])
+    classes = int(y_train.max()) + 1
+    return TensorDataset(x_train, y_train), test_set, classes, x_train.shape[1]
+
+
 def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
     """A batch ``(B, C, H, W)`` resized to ``(B, C, image_size, image_size)``."""
     if x.shape[-1] == image_size and x.shape[-2] == image_size:
@@ -265,8 +290,9 @@ def parser() -> argparse.ArgumentParser:
     add(
         "--data",
         default="digits",
-        help="'digits', or a folder of class folders (ImageFolder; with train/ "
-        "and val/ subfolders, val/ is the test set)",
+        help="'digits', a .pt file of tensors x_train, y_train (x_test, y_test), "
+        "or a folder of class folders (ImageFolder; with train/ and val/ "
+        "subfolders, val/ is the test set)",
     )
     add(
         "--image-size",
@@ -412,7 +438,10 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         )
     if args.amp and args.float64:
         raise ArgumentError("--amp computes in 16 bits: it excludes --float64")
-    if args.data != "digits" and not Path(args.data).is_dir():
+    if args.data.endswith(".pt") and not Path(args.data).is_file():
+        raise ArgumentError(f"--data {args.data!r}: no such file")
+    if (args.data != "digits" and not args.data.endswith(".pt")
+            and not Path(args.data).is_dir()):
         raise ArgumentError(
             f"--data {args.data!r}: no such folder (give 'digits' or a folder "
             "of class folders of images)"
@@ -443,10 +472,15 @@ def parse_args(
     args = p.parse_args(argv)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.image_size is None:
-        args.image_size = 8 if args.data == "digits" else 224
     try:
         check_args(args, world_size)
+        if args.image_size is None:   # the data's own size; 224 for image folders
+            args.image_size = 224
+            if args.data == "digits":
+                args.image_size = 8
+            elif args.data.endswith(".pt"):
+                saved = read_tensors(args.data, mmap=True)
+                args.image_size = saved["x_train"].shape[-1]
     except ArgumentError as error:
         p.error(str(error))
     return args
@@ -778,7 +812,7 @@ def train(args: argparse.Namespace) -> None:
     local_batch = args.batch_size // world_size
     dtype = torch.float64 if args.float64 else torch.float32
     torch.manual_seed(args.seed)               # the same initial weights everywhere
-    channels = 1 if args.data == "digits" else input_channels(args.model)
+    channels = 1 if args.data == "digits" else input_channels(args.model)  # folders
     train_set, test_set, num_classes, in_channels = load_data(
         args.data, args.image_size, args.seed, channels)
     model = build_model(args.model, num_classes, in_channels)
