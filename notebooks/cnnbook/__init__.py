@@ -929,11 +929,17 @@ def place(masks: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
         masks, grid, padding_mode="border", align_corners=False
     )
     # Border padding smears the edge of the mask over the canvas: cut at the box.
-    rows = torch.arange(size, device=masks.device)
-    inside_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])
-    inside_cols = (rows >= left[:, None]) & (rows < (left + width)[:, None])
-    inside = inside_rows[:, :, None] & inside_cols[:, None, :]
-    return placed * inside[:, None]
+    return placed * box_masks(boxes, size)[:, None]
+
+
+def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, size, size)`` masks, true at the pixels inside each box of ``boxes``
+    ``(B, 4)``, ``(top, left, height, width)``."""
+    top, left, height, width = boxes[:, :, None].unbind(1)
+    pixels = torch.arange(size, device=boxes.device)
+    rows = (pixels >= top) & (pixels < top + height)  # (B, size)
+    cols = (pixels >= left) & (pixels < left + width)
+    return rows[:, :, None] & cols[:, None, :]
 
 
 def objects_on_photos(
