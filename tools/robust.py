@@ -60,10 +60,12 @@ def configurations() -> dict[str, dict[str, str]]:
     return configs
 
 
-def run_one(notebook: Path, timeout: int) -> dict[str, object]:
-    """Execute ``notebook`` in a fresh kernel in an empty folder; report the outcome."""
+def run_one(notebook: Path, timeout: int, keep: Path | None) -> dict[str, object]:
+    """Execute ``notebook`` in a fresh kernel in an empty folder; report the outcome,
+    and write the executed notebook to ``keep`` if given."""
     import jupytext
     import nbclient
+    import nbformat
     from nbclient.exceptions import CellExecutionError
 
     nb = jupytext.read(notebook)
@@ -92,6 +94,8 @@ def run_one(notebook: Path, timeout: int) -> dict[str, object]:
             outcome = {"ok": False, "cell": failing, "error": line}
         except Exception as error:  # a timeout or a dead kernel: report, do not crash
             outcome = {"ok": False, "cell": None, "error": repr(error)[:160]}
+    if keep is not None:
+        nbformat.write(nb, keep)
     outcome["seconds"] = round(time.perf_counter() - start, 1)
     return outcome
 
@@ -104,10 +108,16 @@ def main() -> int:
     parser.add_argument("--configs", nargs="+", choices=sorted(configs))
     parser.add_argument("--timeout", type=int, default=600, help="seconds per cell")
     parser.add_argument("--report", type=Path, help="also write the table to this file")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="write each executed notebook to this folder, as CHAPTER-CONFIG.ipynb, "
+        "to read the values behind a spread",
+    )
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run is not None:
-        print(json.dumps(run_one(args.run, args.timeout)))
+        print(json.dumps(run_one(args.run, args.timeout, args.keep)))
         return 0
 
     names = args.chapters or list(chapters)
@@ -121,6 +131,9 @@ def main() -> int:
         for name in names:
             command = [sys.executable, __file__, "--run", str(chapters[name])]
             command += ["--timeout", str(args.timeout)]
+            if args.keep is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                command += ["--keep", str(args.keep.resolve() / f"{name}-{config}.ipynb")]
             done = subprocess.run(
                 command, env=env, capture_output=True, text=True, check=False
             )
