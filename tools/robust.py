@@ -9,6 +9,7 @@ matrix takes about half an hour on two cores.
 
     python tools/robust.py                      # every chapter, every configuration
     python tools/robust.py --chapters senet --configs seed-1 generic-kernels
+    python tools/robust.py --chapters senet --keep runs/  # the executed notebooks too
 """
 
 from __future__ import annotations
