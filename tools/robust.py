@@ -116,10 +116,13 @@ def main() -> int:
         "to read the values behind a spread",
     )
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--keep-as", type=Path, help=argparse.SUPPRESS)  # with --run
     args = parser.parse_args()
     if args.run is not None:
-        print(json.dumps(run_one(args.run, args.timeout, args.keep)))
+        print(json.dumps(run_one(args.run, args.timeout, args.keep_as)))
         return 0
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
 
     names = args.chapters or list(chapters)
     config_names = args.configs or list(configs)
@@ -133,8 +136,8 @@ def main() -> int:
             command = [sys.executable, __file__, "--run", str(chapters[name])]
             command += ["--timeout", str(args.timeout)]
             if args.keep is not None:
-                args.keep.mkdir(parents=True, exist_ok=True)
-                command += ["--keep", str(args.keep.resolve() / f"{name}-{config}.ipynb")]
+                kept = args.keep.resolve() / f"{name}-{config}.ipynb"
+                command += ["--keep-as", str(kept)]
             done = subprocess.run(
                 command, env=env, capture_output=True, text=True, check=False
             )
