@@ -99,7 +99,7 @@ NBVAL_ENV := CNNBOOK_SEED=1 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2
 nbval: standalone ## Run every chapter with nbval, each alone in an empty folder
 	$(NBVAL_ENV) $(PYTHON) -m pytest $(NBVAL)
 
-# Not part of `make test`: the whole matrix takes about half an hour on two cores.
+# Not part of `make test`: the whole matrix takes 30 to 40 minutes on two cores.
 # CHAPTERS_ROBUST=senet and CONFIGS=seed-1 narrow it down.
 robust: $(STAMP) ## Run every chapter under seeds 0-4, one thread and other CPU kernels
 	$(PYTHON) tools/robust.py --report $(BUILD)/robust.txt \
