@@ -90,14 +90,24 @@ standalone: notebooks
 	for notebook in $(NOTEBOOKS); do mkdir -p $(STANDALONE)/$$(basename $$notebook .ipynb); \
 		cp $$notebook $(STANDALONE)/$$(basename $$notebook .ipynb)/; done
 
-NBVAL := -p no:cacheprovider --nbval-lax --nbval-cell-timeout=120 $(STANDALONE)/*/*.ipynb
+# The cell timeout guards against a hang, not a budget: run beside the other tests, the
+# longest cell (the comparison's study) took about a minute.
+NBVAL := -p no:cacheprovider --nbval-lax --nbval-cell-timeout=300 $(STANDALONE)/*/*.ipynb
 # The book build runs the chapters with the default seed and this machine's kernels; nbval
 # runs them again under another seed and MKL's and oneDNN's portable kernels, so every run of
 # the tests checks two configurations (book/running.md, "Two kinds of check").
 NBVAL_ENV := CNNBOOK_SEED=1 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2
 
+# pytest runs on TEST_WORKERS processes (pytest-xdist; 0 runs it in one). Each takes a whole
+# test module or notebook at a time (--dist loadscope), since nbval runs a notebook's cells in
+# order in one kernel; in the order given (--no-loadscope-reorder), so that the longest
+# module, tests/test_devices.py, starts first rather than last. The book build stays serial:
+# the timings it measures are printed in the book.
+TEST_WORKERS ?= 2
+PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
+
 nbval: standalone ## Run every chapter with nbval, each alone in an empty folder
-	$(NBVAL_ENV) $(PYTHON) -m pytest $(NBVAL)
+	$(NBVAL_ENV) $(PYTHON) -m pytest $(PARALLEL) $(NBVAL)
 
 # Not part of `make test`: the whole matrix takes 30 to 40 minutes on two cores.
 # CHAPTERS_ROBUST=senet and CONFIGS=seed-1 narrow it down.
@@ -116,7 +126,7 @@ pdf: $(STAMP) browser ## Print the book into _build/pdf/cnn-blocks-book.pdf (aft
 	$(PYTHON) tools/pdf.py
 
 test: lint check-cnnbook book browser standalone pdf ## Lint, check the module, build strictly, run the chapters, open every page, read the PDF
-	$(NBVAL_ENV) $(PYTHON) -m pytest $(NBVAL) $(wildcard tests)
+	$(NBVAL_ENV) $(PYTHON) -m pytest $(PARALLEL) $(wildcard tests) $(NBVAL)
 
 # Timings depend on the machine and take minutes, so `make test` does not run this. The table
 # goes into the module (notebooks/cnnbook/benchmarks/), where the closing chapter reads it.
