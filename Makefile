@@ -106,7 +106,7 @@ NBVAL_ENV := CNNBOOK_SEED=1 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2
 TEST_WORKERS ?= 2
 PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 
-nbval: standalone ## Run every chapter with nbval, each alone in an empty folder
+nbval: standalone ## Run every chapter with nbval, each in a fresh kernel and an empty folder, two at a time
 	$(NBVAL_ENV) $(PYTHON) -m pytest $(PARALLEL) $(NBVAL)
 
 # Not part of `make test`: the whole matrix takes 30 to 40 minutes on two cores.
