@@ -16,6 +16,8 @@ import itertools
 import logging
 import os
 import random
+import time
+import timeit
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
@@ -668,6 +670,19 @@ class Timings(Mapping[str, float]):
         return Ratio(float(median), float(q3 - q1), len(ratios))
 
 
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run a ``with`` block on ``threads`` CPU threads (``None``: no change)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        check_positive(threads=threads)
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def time_forward_backward(
     models: dict[str, nn.Module],
     x: torch.Tensor,
@@ -677,10 +692,10 @@ def time_forward_backward(
 ) -> Timings:
     """Time one forward and backward pass of each model, interleaved over rounds.
 
-    In each of ``rounds`` rounds every model is timed in turn for ``min_run_time /
-    rounds`` seconds on ``num_threads`` CPU threads (``None``: all that PyTorch
-    uses, ``torch.get_num_threads()``; ``torch.utils.benchmark`` alone would use
-    one). Use the ratios: absolute times depend on the machine.
+    In each of ``rounds`` rounds every model is timed in turn for about
+    ``min_run_time / rounds`` seconds on ``num_threads`` CPU threads (``None``: all
+    that PyTorch uses, ``torch.get_num_threads()``; ``torch.utils.benchmark`` alone
+    would use one). Use the ratios: absolute times depend on the machine.
     """
     # torch.utils.benchmark imports cpp_extension, which logs a warning on a CUDA
     # build of PyTorch that finds no CUDA runtime (a CPU-only machine); it does not
@@ -691,23 +706,37 @@ def time_forward_backward(
     def step(model: nn.Module, x: torch.Tensor) -> None:
         model(x).sum().backward()
 
+    def clock() -> float:
+        if x.is_cuda:  # the GPU runs behind Python: wait for it, as benchmark does
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter()
+
     num_threads = torch.get_num_threads() if num_threads is None else num_threads
     check_positive(rounds=rounds, num_threads=num_threads)
-    timers = {
-        name: benchmark.Timer(
-            stmt="step(model, x)",
-            globals={"step": step, "model": model, "x": x},
-            label="forward+backward",
-            description=name,
-            num_threads=num_threads,
+    per_round = min_run_time / rounds
+    samples: dict[str, list[float]] = {}
+    blocks: dict[str, tuple[int, int]] = {}
+    timers: dict[str, timeit.Timer] = {}
+    for name, model in models.items():
+        variables = {"step": step, "model": model, "x": x}
+        # Round 1: blocked_autorange warms up and sizes the block, the passes timed
+        # at one stretch, so that reading the clock costs under 0.01% of it.
+        first = benchmark.Timer(
+            "step(model, x)", globals=variables, num_threads=num_threads
+        ).blocked_autorange(min_run_time=per_round)
+        samples[name] = [first.median]
+        blocks[name] = (first.number_per_run, len(first.raw_times))
+        timers[name] = timeit.Timer(
+            "step(model, x)", timer=clock, globals=variables
         )
-        for name, model in models.items()
-    }
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            run = timer.blocked_autorange(min_run_time=min_run_time / rounds)
-            samples[name].append(run.median)
+    # blocked_autorange would size the block again in every call, which doubles
+    # the cost of a short round: the later rounds time the first round's blocks.
+    with cpu_threads(num_threads):
+        for _ in range(rounds - 1):
+            for name, timer in timers.items():
+                number, repeat = blocks[name]
+                times = timer.repeat(repeat=repeat, number=number)
+                samples[name].append(float(np.median(times)) / number)
     return Timings(samples, num_threads)
 
 
@@ -791,25 +820,6 @@ def digits_resnet(
     )
 
 
-@contextlib.contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """Run a ``with`` block on ``threads`` CPU threads (``None``: no change).
-
-    For tiny tensors such as the 8x8 digits, one thread is about as fast as two,
-    and on a busy machine it is many times faster: every operation split over two
-    threads waits for the slower one. Results also stop depending on the number of
-    cores, since a sum split over threads adds in another order.
-    """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        check_positive(threads=threads)
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def train_classifier(
     model: nn.Module,
     x: torch.Tensor,
@@ -829,7 +839,11 @@ def train_classifier(
     over a handful of images would give that step noisy statistics.
     ``on_epoch(epoch, model)`` is called after each epoch (1, 2, ...). Returns the
     mean training loss of each epoch; the model is left in training mode. On the
-    CPU it trains on ``threads`` threads (see :func:`cpu_threads`).
+    CPU it trains on ``threads`` threads. For tiny tensors such as the 8x8 digits,
+    one thread is about as fast as two, and on a busy machine it is many times
+    faster: every operation split over two threads waits for the slower one.
+    Results also stop depending on the number of cores, since a sum split over
+    threads adds in another order.
     """
     check_positive(epochs=epochs, batch_size=batch_size)
     if batch_size > len(x):
