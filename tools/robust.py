@@ -5,7 +5,7 @@ on the one that wrote them (book/running.md, "Two kinds of check"). ``make robus
 chapter alone, in a fresh kernel in an empty folder, under a matrix of configurations, and
 prints a table of chapter x configuration: the seconds a chapter took, or the cell that
 failed. It exits non-zero when any run fails. It is not part of ``make test``: the whole
-matrix takes 30 to 40 minutes on two cores.
+matrix takes about 50 minutes on two cores.
 
     python tools/robust.py                      # every chapter, every configuration
     python tools/robust.py --chapters senet --configs seed-1 generic-kernels
