@@ -989,6 +989,10 @@ def train(args: argparse.Namespace) -> None:
                 log(f"step {step}: rank {rank} killed (--kill-at-step)")
                 print(f"step {step}: rank {rank} kills itself (SIGKILL)",
                       file=sys.stderr, flush=True)
+                if args.kill_rank is None and world_size > 1:
+                    # torchrun stops the others as soon as one process dies: one
+                    # that lags by a moment would be stopped before it said so.
+                    dist.barrier()
                 kill_self()
             waited = time.perf_counter()
     if dist.is_initialized():
